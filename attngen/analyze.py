@@ -1,0 +1,473 @@
+"""Stage 3: sympy. Simplifies mask and score, folds the softmax scale into the exp2 base,
+and derives from the mask algebra which key blocks each query block can see.
+
+Block ranges. The mask is put in DNF; each conjunct becomes a *segment*. In a
+conjunct, an atom that is linear in kv_idx (or in kv_idx // C) with an integer
+coefficient bounds kv_idx by a function of q_idx; if that function is monotone
+in q_idx, its values at the block's first and last row bound the whole block:
+
+    visible  ⊆ [max_i min(lo_i(q0), lo_i(q1)), min_i max(hi_i(q0), hi_i(q1))]
+    all true ⊇ [max_i max(lo_i(q0), lo_i(q1)), min_i min(hi_i(q0), hi_i(q1))]
+
+Atoms in q_idx alone that are half-lines are checked at q0 and q1; atoms in
+neither are scalar guards. Any other atom that reads kv_idx (a tensor load, a
+modulus, `!=`) is *residual*: it keeps the segment's range but makes every
+block partial. A block that is full for one conjunct is full for the mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import sympy as sp
+from sympy.logic.boolalg import BooleanFunction, to_dnf
+
+from .errors import AttnError
+from .ir import Kernel, Node, Op, T, const
+
+LOG2E = 1.0 / math.log(2.0)
+MAX_SEGMENTS = 4
+
+
+class sigmoid(sp.Function):  # noqa: N801 - printed like the spec's function
+    """Logistic sigmoid, with its derivative so that sympy can differentiate scores."""
+
+    def fdiff(self, argindex=1):
+        s = sigmoid(self.args[0])
+        return s * (1 - s)
+
+
+class NotRepresentable(Exception):
+    """sympy produced a form the IR cannot express; callers keep the original IR."""
+
+
+@dataclass
+class Symbols:
+    """The sympy symbol for every IR leaf, with the IR type to convert back to."""
+
+    table: dict[str, sp.Symbol] = field(default_factory=dict)
+    types: dict[str, tuple[Op, T]] = field(default_factory=dict)
+    loads: dict[str, tuple[type, T]] = field(default_factory=dict)
+
+    @classmethod
+    def for_kernel(cls, k: Kernel) -> Symbols:
+        s = cls()
+        for name in ("b", "h", "q_idx", "kv_idx"):
+            s.add(name, Op.VAR, T.INT, integer=True, nonnegative=True)
+        for name in ("q_len", "kv_len"):
+            s.add(name, Op.VAR, T.INT, integer=True, positive=True)
+        s.add("score", Op.VAR, T.FLOAT, real=True)
+        s.add("qk", Op.VAR, T.FLOAT, real=True)
+        s.add("sm_scale", Op.VAR, T.FLOAT, positive=True)
+        for p in k.params:
+            kw = {"integer": True} if p.type is T.INT else {"real": True} if p.type is T.FLOAT else {}
+            s.add(p.name, Op.PARAM, p.type, **kw)
+        for i in k.inputs:
+            t = T.BOOL if i.dtype == "bool" else T.FLOAT if "float" in i.dtype else T.INT
+            kw = {"integer": True} if t is T.INT else {"real": True} if t is T.FLOAT else {}
+            s.loads[i.name] = (sp.Function(f"in_{i.name}", **kw), t)
+        return s
+
+    def add(self, name: str, op: Op, t: T, **assumptions) -> None:
+        self.table[name] = sp.Symbol(name, **assumptions)
+        self.types[name] = (op, t)
+
+    def __getitem__(self, name: str) -> sp.Symbol:
+        return self.table[name]
+
+
+# ---------------------------------------------------------------- IR -> sympy
+
+_SP_BIN = {Op.ADD: lambda a, b: a + b, Op.SUB: lambda a, b: a - b, Op.MUL: lambda a, b: a * b,
+           Op.DIV: lambda a, b: a / b, Op.FLOORDIV: lambda a, b: sp.floor(a / b),
+           Op.MOD: sp.Mod, Op.LT: sp.Lt, Op.LE: sp.Le, Op.GT: sp.Gt, Op.GE: sp.Ge,
+           Op.EQ: sp.Eq, Op.NE: sp.Ne, Op.AND: sp.And, Op.OR: sp.Or, Op.MIN: sp.Min, Op.MAX: sp.Max}
+_SP_UN = {Op.NEG: lambda a: -a, Op.NOT: sp.Not, Op.ABS: sp.Abs, Op.EXP: sp.exp, Op.LOG: sp.log,
+          Op.SQRT: sp.sqrt, Op.TANH: sp.tanh, Op.SIGMOID: sigmoid}
+
+
+def to_sympy(n: Node, syms: Symbols):
+    if n.op is Op.CONST:
+        v = n.arg
+        if isinstance(v, bool):
+            return sp.true if v else sp.false
+        if isinstance(v, int):
+            return sp.Integer(v)
+        return sp.oo if v == math.inf else -sp.oo if v == -math.inf else sp.Float(v)
+    if n.op in (Op.VAR, Op.PARAM):
+        return syms[n.arg]
+    if n.op is Op.LOAD:
+        return syms.loads[n.arg][0](*(to_sympy(s, syms) for s in n.srcs))
+    xs = [to_sympy(s, syms) for s in n.srcs]
+    if n.op is Op.WHERE:
+        c, a, b = xs
+        return sp.ITE(c, a, b) if n.type is T.BOOL else sp.Piecewise((a, c), (b, True))
+    if n.op in _SP_BIN:
+        if n.op in (Op.EQ, Op.NE) and all(s.type is T.BOOL for s in n.srcs):
+            eq = sp.Equivalent(*xs)
+            return eq if n.op is Op.EQ else sp.Not(eq)
+        return _SP_BIN[n.op](*xs)
+    return _SP_UN[n.op](*xs)
+
+
+# ---------------------------------------------------------------- sympy -> IR
+
+_REL = {sp.StrictLessThan: Op.LT, sp.LessThan: Op.LE, sp.StrictGreaterThan: Op.GT,
+        sp.GreaterThan: Op.GE, sp.Equality: Op.EQ, sp.Unequality: Op.NE}
+_FN = {sp.exp: Op.EXP, sp.log: Op.LOG, sp.tanh: Op.TANH, sigmoid: Op.SIGMOID, sp.Abs: Op.ABS}
+TENSOR_VARS = frozenset({"q_idx", "kv_idx", "score", "qk"})
+
+
+def _bin(op: Op, a: Node, b: Node) -> Node:
+    if op in (Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE, Op.AND, Op.OR):
+        t = T.BOOL
+    elif op is Op.DIV:
+        t = T.FLOAT
+    else:
+        t = T.FLOAT if T.FLOAT in (a.type, b.type) else T.INT
+    return Node(op, t, (a, b))
+
+
+def _is_tensor(e) -> bool:
+    """Does e vary per element of a tile (as opposed to per program)?"""
+    return any(s.name in TENSOR_VARS for s in e.free_symbols) or any(
+        _is_tensor(a) for f in e.atoms(sp.Function) if f.func.__name__.startswith("in_") for a in f.args)
+
+
+def from_sympy(e, syms: Symbols) -> Node:
+    """Convert back, grouping per-program (scalar) factors and terms before per-element ones."""
+    if e is sp.true or e is sp.false:
+        return const(bool(e))
+    if isinstance(e, sp.Integer):
+        return const(int(e))
+    if e is sp.oo or e is -sp.oo:
+        return const(math.inf if e is sp.oo else -math.inf)
+    if isinstance(e, (sp.Rational, sp.Float)) or e in (sp.pi, sp.E):
+        return const(float(e))
+    if isinstance(e, sp.Symbol):
+        op, t = syms.types[e.name]
+        return Node(op, t, (), e.name)
+    if isinstance(e, sp.Function) and e.func.__name__.startswith("in_"):
+        name = e.func.__name__[3:]
+        return Node(Op.LOAD, syms.loads[name][1], tuple(from_sympy(a, syms) for a in e.args), name)
+    if isinstance(e, sp.Add):
+        return _assoc(e.args, syms, add=True)
+    if isinstance(e, sp.Mul):
+        # split into per-program and per-element numerator/denominator so that scalars fold first
+        parts: dict[tuple[bool, bool], list] = {(t, d): [] for t in (False, True) for d in (False, True)}
+        for a in e.args:
+            if isinstance(a, sp.Pow) and a.exp.is_number and a.exp < 0:
+                parts[(_is_tensor(a), True)].append(a.base ** (-a.exp))
+            elif isinstance(a, sp.Rational) and not isinstance(a, sp.Integer) and a.p in (1, -1):
+                parts[(False, False)].append(sp.Integer(a.p))
+                parts[(False, True)].append(sp.Integer(a.q))
+            else:
+                parts[(_is_tensor(a), False)].append(a)
+        out = None
+        for tensor in (False, True):
+            num, den = parts[(tensor, False)], parts[(tensor, True)]
+            if not num and not den:
+                continue
+            x = _assoc(num, syms, add=False) if num else const(1.0 if den else 1)
+            if den:
+                x = _bin(Op.DIV, x, _assoc(den, syms, add=False))
+            out = x if out is None else _bin(Op.MUL, out, x)
+        return out
+    if isinstance(e, sp.Pow):
+        if e.exp == sp.Rational(1, 2):
+            return Node(Op.SQRT, T.FLOAT, (from_sympy(e.base, syms),))
+        if e.exp.is_Integer and 0 < e.exp <= 4:
+            b = from_sympy(e.base, syms)
+            out = b
+            for _ in range(int(e.exp) - 1):
+                out = _bin(Op.MUL, out, b)
+            return out
+        if e.exp.is_number and e.exp < 0:
+            return _bin(Op.DIV, const(1.0), from_sympy(e.base ** (-e.exp), syms))
+        raise NotRepresentable(str(e))
+    if isinstance(e, sp.floor):
+        num, den = sp.fraction(sp.together(e.args[0]))
+        if num.is_integer and den.is_integer:
+            n_, d_ = from_sympy(num, syms), from_sympy(den, syms)
+            return n_ if den == 1 else Node(Op.FLOORDIV, T.INT, (n_, d_))
+        raise NotRepresentable(str(e))
+    if isinstance(e, sp.Mod):
+        a, b = (from_sympy(x, syms) for x in e.args)
+        if a.type is not T.INT or b.type is not T.INT:
+            raise NotRepresentable(str(e))
+        return Node(Op.MOD, T.INT, (a, b))
+    if type(e) in _REL:
+        lhs, rhs = e.lhs, e.rhs
+        if rhs == 0 and isinstance(lhs, sp.Add):  # x - y >= 0  ->  x >= y
+            pos = [a for a in lhs.args if not a.could_extract_minus_sign()]
+            neg = [-a for a in lhs.args if a.could_extract_minus_sign()]
+            if pos and neg:
+                lhs, rhs = sp.Add(*pos), sp.Add(*neg)
+        return _bin(_REL[type(e)], from_sympy(lhs, syms), from_sympy(rhs, syms))
+    if isinstance(e, (sp.And, sp.Or)):
+        op = Op.AND if isinstance(e, sp.And) else Op.OR
+        args = sorted(e.args, key=lambda a: (_is_tensor(a), sp.default_sort_key(a)))
+        out = from_sympy(args[0], syms)
+        for a in args[1:]:
+            out = _bin(op, out, from_sympy(a, syms))
+        return out
+    if isinstance(e, sp.Not):
+        return Node(Op.NOT, T.BOOL, (from_sympy(e.args[0], syms),))
+    if isinstance(e, sp.Equivalent) and len(e.args) == 2:
+        return _bin(Op.EQ, *(from_sympy(a, syms) for a in e.args))
+    if isinstance(e, (sp.Min, sp.Max)):
+        op = Op.MIN if isinstance(e, sp.Min) else Op.MAX
+        args = [from_sympy(a, syms) for a in e.args]
+        out = args[0]
+        for a in args[1:]:
+            out = _bin(op, out, a)
+        return out
+    if isinstance(e, sp.Piecewise):
+        *pairs, (last, cond) = e.args
+        if cond is not sp.true:
+            raise NotRepresentable(str(e))
+        out = from_sympy(last, syms)
+        for val, c in reversed(pairs):
+            a = from_sympy(val, syms)
+            out = Node(Op.WHERE, T.FLOAT if T.FLOAT in (a.type, out.type) else a.type,
+                       (from_sympy(c, syms), a, out))
+        return out
+    if isinstance(e, sp.ITE):
+        c, a, b = (from_sympy(x, syms) for x in e.args)
+        return Node(Op.WHERE, T.BOOL, (c, a, b))
+    if type(e) in _FN:
+        x = from_sympy(e.args[0], syms)
+        op = _FN[type(e)]
+        return Node(op, x.type if op is Op.ABS else T.FLOAT, (x,))
+    raise NotRepresentable(f"{type(e).__name__}: {e}")
+
+
+def _assoc(args, syms: Symbols, add: bool) -> Node:
+    """Fold a sum or product with per-program parts first: (s1 * s2) * tile, not s1 * (s2 * tile)."""
+    args = sorted(args, key=lambda a: (_is_tensor(a), add and a.could_extract_minus_sign(),
+                                       sp.default_sort_key(a)))
+    out = None
+    for a in args:
+        neg = add and a.could_extract_minus_sign() and out is not None
+        x = from_sympy(-a if neg else a, syms)
+        if out is None:
+            out = x
+        else:
+            out = _bin(Op.SUB if neg else (Op.ADD if add else Op.MUL), out, x)
+    return out
+
+
+_FLIP = {sp.StrictLessThan: sp.StrictGreaterThan, sp.LessThan: sp.GreaterThan}
+
+
+def canonical(e):
+    """Write every relational as `x > 0`, `x >= 0`, `x == 0` or `x != 0` with x = lhs - rhs,
+    so that equal conditions written differently merge (and drop) in And/Or."""
+    def fix(r):
+        x = sp.expand(r.lhs - r.rhs)
+        t = type(r)
+        if t in _FLIP:
+            x, t = -x, _FLIP[t]
+        if t in (sp.Equality, sp.Unequality) and x.could_extract_minus_sign():
+            x = -x
+        return t(x, 0)
+    return e.replace(lambda a: isinstance(a, sp.Rel), fix)
+
+
+def sympify(n: Node, syms: Symbols):
+    return canonical(to_sympy(n, syms))
+
+
+def roundtrip(n: Node | None, syms: Symbols) -> Node | None:
+    """Simplify an IR expression through sympy; keep the original if sympy's form is not printable."""
+    if n is None:
+        return None
+    try:
+        out = from_sympy(sympify(n, syms), syms)
+    except NotRepresentable:
+        return n
+    if n.type is T.FLOAT and out.type is not T.FLOAT:
+        out = Node(Op.ADD, T.FLOAT, (out, const(0.0)))
+    return out
+
+
+# ---------------------------------------------------------------- block ranges
+
+@dataclass(frozen=True)
+class Segment:
+    """One DNF conjunct: kv_idx in [max(lo), min(hi)] for rows where the q-atoms hold."""
+
+    lo: tuple[tuple[Node, int], ...]  # lower bounds on kv_idx: (f(q_idx), +1/-1/0 monotone direction)
+    hi: tuple[tuple[Node, int], ...]  # upper bounds (inclusive)
+    q_atoms: tuple[Node, ...]     # half-line predicates on q_idx alone
+    guards: tuple[Node, ...]      # per-program predicates (no q_idx, no kv_idx)
+    residual: bool                # some atom must be checked per element: no full blocks
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the kernel needs: the simplified mask, the exp2-domain logit, and the segments."""
+
+    mask: Node | None             # evaluated on partial blocks
+    logit: Node                   # log2-domain score as a function of qk, sm_scale, indices
+    segments: tuple[Segment, ...]
+    sparse: bool                  # False: the analysis was off or gave up (dense loops)
+    notes: tuple[str, ...] = ()
+
+
+def _direction(e, q) -> int | None:
+    """+1/-1 if e is monotone non-decreasing/non-increasing in q, 0 if free of q, None if unknown."""
+    if not e.has(q):
+        return 0
+    if e == q:
+        return 1
+    if isinstance(e, sp.Add):
+        ds = {_direction(a, q) for a in e.args} - {0}
+        return ds.pop() if len(ds) == 1 and None not in ds else None
+    if isinstance(e, sp.Mul):
+        with_q = [a for a in e.args if a.has(q)]
+        rest = sp.Mul(*[a for a in e.args if not a.has(q)])
+        if len(with_q) != 1:
+            return None
+        d = _direction(with_q[0], q)
+        if d is None:
+            return None
+        if rest.is_nonnegative:
+            return d
+        if rest.is_nonpositive:
+            return -d
+        return None
+    if isinstance(e, sp.floor):
+        return _direction(e.args[0], q)
+    if isinstance(e, (sp.Min, sp.Max)):
+        ds = {_direction(a, q) for a in e.args} - {0}
+        return ds.pop() if len(ds) == 1 and None not in ds else None
+    return None
+
+
+def _unsafe(e) -> bool:
+    """Bounds must be plain arithmetic: no loads, conditionals or float functions."""
+    return bool(e.atoms(sp.Piecewise, sp.Mod, sp.Abs)) or any(
+        f.func.__name__.startswith("in_") for f in e.atoms(sp.Function))
+
+
+def _k_bounds(atom, k, q) -> list[tuple[str, object, int]] | None:
+    """Solve a relational atom for kv_idx: [('lo'|'hi', bound(q), direction)], or None if residual."""
+    if type(atom) not in _REL or isinstance(atom, sp.Unequality):
+        return None
+    e = sp.expand(atom.lhs - atom.rhs)
+    rel = type(atom)
+    scale = sp.Integer(1)
+    floors = [f for f in e.atoms(sp.floor) if f.has(k)]
+    if floors:  # kv_idx // C: substitute u = floor(k / C), then k = C*u + [0, C)
+        if len(floors) != 1:
+            return None
+        num, den = sp.fraction(sp.together(floors[0].args[0]))
+        if num != k or not den.is_positive or not den.is_integer:
+            return None
+        u = sp.Symbol("_u", integer=True)
+        e = e.subs(floors[0], u)
+        scale, k_var = den, u
+    else:
+        k_var = k
+    if e.has(k) if k_var is not k else False:
+        return None
+    a = e.diff(k_var)
+    r = sp.expand(e - a * k_var)
+    if not (a.is_Integer and a != 0) or r.has(k_var) or r.has(k) or not r.is_integer or _unsafe(r):
+        return None
+    # integer relations: strict -> non-strict
+    if rel is sp.StrictGreaterThan:
+        r, rel = r - 1, sp.GreaterThan
+    elif rel is sp.StrictLessThan:
+        r, rel = r + 1, sp.LessThan
+    a = int(a)
+    out = []
+    want_lo = (rel is sp.GreaterThan and a > 0) or (rel is sp.LessThan and a < 0) or rel is sp.Equality
+    want_hi = (rel is sp.GreaterThan and a < 0) or (rel is sp.LessThan and a > 0) or rel is sp.Equality
+    # a*x + r >= 0 with a > 0  <=>  x >= ceil(-r/a);   a*x + r <= 0 with a > 0  <=>  x <= floor(-r/a)
+    if want_lo:
+        out.append(("lo", -sp.floor(r / a) if a > 0 else -sp.floor(-r / -a)))
+    if want_hi:
+        out.append(("hi", sp.floor(-r / a) if a > 0 else sp.floor(r / -a)))
+    if k_var is not k:  # u >= L  <=>  k >= C*L;   u <= H  <=>  k <= C*H + C - 1
+        out = [(s, scale * b if s == "lo" else scale * b + scale - 1) for s, b in out]
+    out = [(side, b, _direction(b, q)) for side, b in out]
+    return None if any(d is None for *_, d in out) else out
+
+
+def _q_halfline(atom, q) -> bool:
+    if type(atom) not in _REL or isinstance(atom, (sp.Equality, sp.Unequality)):
+        return False
+    e = atom.lhs - atom.rhs
+    return _direction(e, q) is not None and not _unsafe(e)
+
+
+def _segments(mask, syms: Symbols) -> tuple[tuple[Segment, ...], list[str]] | None:
+    q, k = syms["q_idx"], syms["kv_idx"]
+    if mask is sp.false:
+        return (), ["mask is always false"]
+    if mask is sp.true:
+        return (Segment((), (), (), (), False),), []
+    try:
+        dnf = to_dnf(mask, simplify=False)
+    except Exception:  # pragma: no cover - sympy refuses exotic forms
+        return None
+    conjuncts = dnf.args if isinstance(dnf, sp.Or) else (dnf,)
+    if len(conjuncts) > MAX_SEGMENTS:
+        return None
+    segs, notes = [], []
+    for c in conjuncts:
+        atoms = c.args if isinstance(c, sp.And) else (c,)
+        lo, hi, qa, guards, residual = [], [], [], [], False
+        for a in atoms:
+            if a.has(k):
+                bounds = _k_bounds(a, k, q)
+                if bounds is None:
+                    residual = True
+                    notes.append(f"residual (checked per element): {a}")
+                for side, b, d in bounds or ():
+                    bound = (from_sympy(b, syms), d)
+                    target = lo if side == "lo" else hi
+                    if bound not in target:
+                        target.append(bound)
+            elif a.has(q):
+                if _q_halfline(a, q):
+                    qa.append(from_sympy(a, syms))
+                else:
+                    residual = True
+                    notes.append(f"residual row condition: {a}")
+            else:
+                guards.append(from_sympy(a, syms))
+        segs.append(Segment(tuple(lo), tuple(hi), tuple(qa), tuple(guards), residual))
+    return tuple(segs), notes
+
+
+def plan(k: Kernel, sparse: bool = True) -> Plan:
+    """Run the sympy stage on a lowered kernel."""
+    syms = Symbols.for_kernel(k)
+    mask_sp = sympify(k.mask, syms) if k.mask is not None else sp.true
+    mask = None if mask_sp is sp.true else roundtrip(k.mask, syms)
+    score = to_sympy(k.score, syms) if k.score is not None else syms["score"]
+    logit_sp = LOG2E * score.subs(syms["score"], syms["qk"] * syms["sm_scale"])
+    try:
+        logit = from_sympy(logit_sp, syms)
+    except NotRepresentable as e:
+        raise AttnError(f"cannot print the score after simplification: {e}", k.score.span) from None
+    if logit.type is not T.FLOAT:
+        logit = Node(Op.ADD, T.FLOAT, (logit, const(0.0)))
+    everything = Segment((), (), (), (), mask is not None)
+    if not sparse:
+        return Plan(mask, logit, (everything,), False, ("sparsity analysis off",))
+    found = _segments(mask_sp, syms)
+    if found is None:
+        return Plan(mask, logit, (everything,), False, ("mask too complex for block ranges",))
+    segs, notes = found
+    return Plan(mask, logit, segs, True, tuple(notes))
+
+
+def simplify(k: Kernel) -> Kernel:
+    """The kernel with mask and score simplified by sympy (used to prove the rewrite in tests)."""
+    syms = Symbols.for_kernel(k)
+    return replace(k, mask=roundtrip(k.mask, syms), score=roundtrip(k.score, syms))

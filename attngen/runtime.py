@@ -1,0 +1,83 @@
+"""Compile specs to modules on disk and import them. The cache is keyed by the spec text,
+the kernel name, the options and attngen's version; files land by atomic rename."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+from . import __version__
+from .errors import AttnError
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ATTNGEN_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "attngen")
+    return Path(root) / __version__
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def import_path(path: Path, module_name: str | None = None) -> ModuleType:
+    """Import a generated module from a file (Triton needs real files to read kernel source)."""
+    name = module_name or f"attngen_gen_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def compile_file(path: str | os.PathLike, out_dir: str | os.PathLike, sparse: bool = True) -> list[Path]:
+    from .codegen import compile_source
+
+    src = Path(path).read_text()
+    out = []
+    for name, code in compile_source(src, str(path), sparse=sparse).items():
+        target = Path(out_dir) / f"{name}.py"
+        _write_atomic(target, code)
+        out.append(target)
+    return out
+
+
+def load(path: str | os.PathLike, name: str | None = None, sparse: bool = True):
+    """Compile (or reuse) and import; returns the function for `name` (default: the file's first spec)."""
+    from .codegen import compile_source
+
+    src = Path(path).read_text()
+    key = hashlib.sha256(f"{__version__}\0{sparse}\0{src}".encode()).hexdigest()[:16]
+    sources: dict[str, str] | None = None
+    if name is None:
+        sources = compile_source(src, str(path), sparse=sparse)
+        name = next(iter(sources))
+    d = cache_dir()
+    target = d / f"{name}_{key}.py"
+    if not target.exists():
+        sources = sources or compile_source(src, str(path), sparse=sparse)
+        if name not in sources:
+            raise AttnError(f"{path}: no spec named {name!r} (have {', '.join(sources)})")
+        try:
+            _write_atomic(target, sources[name])
+        except OSError as e:
+            fallback = Path(tempfile.mkdtemp(prefix="attngen-")) / target.name
+            print(f"attngen: cache {d} not writable ({e.strerror}); using {fallback.parent}",
+                  file=sys.stderr)
+            _write_atomic(fallback, sources[name])
+            target = fallback
+    return getattr(import_path(target, f"attngen_cache_{name}_{key}"), name)
