@@ -65,7 +65,8 @@ class Symbols:
             s.add(p.name, Op.PARAM, p.type, **kw)
         for i in k.inputs:
             t = T.BOOL if i.dtype == "bool" else T.FLOAT if "float" in i.dtype else T.INT
-            kw = {"integer": True} if t is T.INT else {"real": True} if t is T.FLOAT else {}
+            # bool tensors are 0/1 ints in sympy; a read is Ne(f(...), 0) (Boolean)
+            kw = {"real": True} if t is T.FLOAT else {"integer": True}
             s.loads[i.name] = (sp.Function(f"in_{i.name}", **kw), t)
         return s
 
@@ -98,7 +99,9 @@ def to_sympy(n: Node, syms: Symbols):
     if n.op in (Op.VAR, Op.PARAM):
         return syms[n.arg]
     if n.op is Op.LOAD:
-        return syms.loads[n.arg][0](*(to_sympy(s, syms) for s in n.srcs))
+        fn, t = syms.loads[n.arg]
+        f = fn(*(to_sympy(s, syms) for s in n.srcs))
+        return sp.Ne(f, 0) if t is T.BOOL else f
     xs = [to_sympy(s, syms) for s in n.srcs]
     if n.op is Op.WHERE:
         c, a, b = xs
@@ -199,6 +202,9 @@ def from_sympy(e, syms: Symbols) -> Node:
         return Node(Op.MOD, T.INT, (a, b))
     if type(e) in _REL:
         lhs, rhs = e.lhs, e.rhs
+        if isinstance(e, (sp.Equality, sp.Unequality)) and rhs == 0 and _is_bool_load(lhs, syms):
+            load = from_sympy(lhs, syms)
+            return load if isinstance(e, sp.Unequality) else Node(Op.NOT, T.BOOL, (load,))
         if rhs == 0 and isinstance(lhs, sp.Add):  # x - y >= 0  ->  x >= y
             pos = [a for a in lhs.args if not a.could_extract_minus_sign()]
             neg = [-a for a in lhs.args if a.could_extract_minus_sign()]
@@ -243,19 +249,43 @@ def from_sympy(e, syms: Symbols) -> Node:
     raise NotRepresentable(f"{type(e).__name__}: {e}")
 
 
+def _is_bool_load(e, syms: Symbols) -> bool:
+    name = e.func.__name__[3:] if isinstance(e, sp.Function) else ""
+    return name in syms.loads and syms.loads[name][1] is T.BOOL
+
+
 def _assoc(args, syms: Symbols, add: bool) -> Node:
-    """Fold a sum or product with per-program parts first: (s1 * s2) * tile, not s1 * (s2 * tile)."""
-    args = sorted(args, key=lambda a: (_is_tensor(a), add and a.could_extract_minus_sign(),
-                                       sp.default_sort_key(a)))
+    """Fold a sum or product with per-program parts first: (s1 * s2) * tile, not s1 * (s2 * tile).
+    In sums, positive terms come first so that negative ones print as subtractions."""
+    if not add:
+        args = sorted(args, key=lambda a: (_is_tensor(a), sp.default_sort_key(a)))
+        if args and args[0] == -1 and len(args) > 1:
+            return Node(Op.NEG, *_typed(_assoc(args[1:], syms, add=False)))
+        out = from_sympy(args[0], syms)
+        for a in args[1:]:
+            out = _bin(Op.MUL, out, from_sympy(a, syms))
+        return out
+    groups = [[a for a in args if _is_tensor(a) == t] for t in (False, True)]
+    parts = []
+    for g in groups:
+        g = sorted(g, key=lambda a: (a.could_extract_minus_sign(), sp.default_sort_key(a)))
+        if g:
+            parts.append(g)
+    if len(parts) == 2 and all(a.could_extract_minus_sign() for a in parts[0]):
+        parts = [parts[1] + parts[0]]  # tile - scalar reads better than (-scalar) + tile
     out = None
-    for a in args:
-        neg = add and a.could_extract_minus_sign() and out is not None
-        x = from_sympy(-a if neg else a, syms)
-        if out is None:
-            out = x
-        else:
-            out = _bin(Op.SUB if neg else (Op.ADD if add else Op.MUL), out, x)
+    for g in parts:
+        x = None
+        for a in g:
+            neg = a.could_extract_minus_sign() and x is not None
+            y = from_sympy(-a if neg else a, syms)
+            x = y if x is None else _bin(Op.SUB if neg else Op.ADD, x, y)
+        out = x if out is None else _bin(Op.ADD, out, x)
     return out
+
+
+def _typed(n: Node) -> tuple:
+    return (n.type, (n,))
 
 
 _FLIP = {sp.StrictLessThan: sp.StrictGreaterThan, sp.LessThan: sp.GreaterThan}

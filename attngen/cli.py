@@ -20,8 +20,9 @@ def _cmd_compile(a) -> int:
 
         for k in load_kernels(a.spec).values():
             print(dump(k))
-            print("  -- after sympy --")
-            print("\n".join("  " + line for line in dump(simplify(k)).splitlines()[-3:]))
+            s = simplify(k)
+            print(f"  after sympy: mask  = {s.mask!r}")
+            print(f"  after sympy: score = {s.score!r}")
             p = plan(k, sparse=not a.dense)
             print(f"  logit (log2 units) = {p.logit!r}")
             for i, seg in enumerate(p.segments):
@@ -75,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e.filename or e}: no such file", file=sys.stderr)
         return 2
+    except Exception as e:  # a compiler bug: say so plainly, without a traceback
+        print(f"attngen: internal error ({type(e).__name__}: {e}); please report it with the spec",
+              file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from .printer import PythonPrinter, TritonPrinter, input_args, literal, param_na
 from .resources import resource_dir
 
 _KERNEL_VARS = {v: v for v in ("b", "h", "q_idx", "kv_idx", "q_len", "kv_len", "qk", "sm_scale")}
-_TYPE_SIG = {"int": "i32", "float": "fp32", "bool": "i1"}
+_TYPE_SIG = {"int": "i32", "float": "fp32", "bool": "i32"}
 _PTR_SIG = {"bool": "*i1", "int8": "*i8", "uint8": "*u8", "int16": "*i16", "int32": "*i32",
             "int64": "*i64", "float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32",
             "float64": "*fp64"}
@@ -145,7 +145,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
 
 
 def _cast(t: str) -> str:
-    return {"int": "int", "float": "float", "bool": "bool"}[t]
+    return {"int": "int", "float": "float", "bool": "int"}[t]
 
 
 def _table(d: dict) -> str:

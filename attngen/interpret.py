@@ -118,15 +118,17 @@ def _as_float(x, env: Env):
 
 
 def _load(n: Node, env: Env):
+    """Read an input tensor; positions outside its bounds read 0 (False), as in the kernel.
+    That makes guards like `kv_idx < c or table[b, kv_idx - c]` well defined."""
     t = env.inputs[n.arg]
-    idx = [evaluate(s, env) for s in n.srcs]
-    idx = [torch.as_tensor(i, device=t.device).long() for i in idx]
-    for d, (i, size) in enumerate(zip(idx, t.shape)):
-        if i.numel() and (int(i.min()) < 0 or int(i.max()) >= size):
-            raise AttnError(f"input {n.arg!r}: index {d} takes values in [{int(i.min())}, "
-                            f"{int(i.max())}], outside [0, {size})", n.span,
-                            "every index must stay in range on the visible positions")
-    out = t[tuple(idx)]
+    idx = [torch.as_tensor(evaluate(s, env), device=t.device).long() for s in n.srcs]
+    idx = torch.broadcast_tensors(*idx)
+    inside = torch.ones(idx[0].shape, dtype=torch.bool, device=t.device)
+    for i, size in zip(idx, t.shape):
+        inside &= (i >= 0) & (i < size)
+    safe = tuple(torch.where(inside, i, torch.zeros_like(i)) for i in idx)
+    out = t[safe] if t.numel() else torch.zeros(inside.shape, dtype=t.dtype, device=t.device)
+    out = torch.where(inside, out, torch.zeros_like(out))
     return out.to(env.float_dtype) if t.dtype.is_floating_point else out
 
 

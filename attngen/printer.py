@@ -89,7 +89,8 @@ class TritonPrinter:
         if op is Op.VAR:
             return self.names[n.arg]
         if op is Op.PARAM:
-            return param_name(n.arg)
+            # bool params travel as int32 (0/1): the interpreter has no scalar i1 argument
+            return f"({param_name(n.arg)} != 0)" if n.type is T.BOOL else param_name(n.arg)
         if op is Op.LOAD:
             return self._load(n)
         if op is Op.NEG:

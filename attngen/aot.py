@@ -1,0 +1,56 @@
+"""Build generated kernels for a GPU target ahead of time, with no GPU present.
+
+`triton.compile` on an ASTSource runs the whole NVIDIA pipeline (TTIR -> PTX -> cubin via
+the bundled ptxas) on the CPU. CI uses it to prove every kernel builds for sm_90 (Hopper),
+uses wgmma, and fits in shared memory.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+H100_SHARED_BYTES = 227 * 1024  # opt-in shared memory per block on sm_90
+
+
+@contextmanager
+def _compiled_mode():
+    """@triton.jit yields an interpreter wrapper while TRITON_INTERPRET is set; build without it."""
+    old = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+def build(path: Path, dtype: str = "fp16", d_qk: int = 128, d_v: int = 128, arch: int = 90,
+          block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 2,
+          store_lse: bool = True) -> dict:
+    """Compile the kernel of the generated module at `path`; returns ptx, shared bytes, wgmma use."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .runtime import import_path
+
+    with _compiled_mode():
+        mod = import_path(Path(path), f"attngen_aot_{Path(path).stem}_{os.getpid()}")
+        kernel = mod.KERNEL
+        sig = {}
+        for item in mod.KERNEL_ARGS:
+            name, ty = item.split(":")
+            sig[name] = f"*{dtype}" if ty == "*q" else ty
+        const = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=triton.next_power_of_2(d_qk),
+                     BLOCK_DV=triton.next_power_of_2(d_v), D_QK=d_qk, D_V=d_v, STORE_LSE=store_lse,
+                     TRACE=False, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+        sig.update({k: "constexpr" for k in const})
+        sig["Trace"] = "constexpr"
+        const["Trace"] = None
+        src = ASTSource(kernel, sig, const)
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": num_warps, "num_stages": num_stages})
+    ptx = k.asm["ptx"]
+    return {"ptx": ptx, "shared": k.metadata.shared, "wgmma": "wgmma" in ptx,
+            "fits": k.metadata.shared <= H100_SHARED_BYTES, "n_regs": getattr(k, "n_regs", None)}

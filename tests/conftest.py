@@ -1,0 +1,63 @@
+"""Shared fixtures. Without a GPU, kernels run under the Triton interpreter; the variable
+must be set before triton is imported anywhere."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.attn"))
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def build_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("generated")
+
+
+_compiled: dict = {}
+
+
+def compile_spec(source: str, build: Path, sparse: bool = True, tag: str = "") -> dict:
+    """Compile spec text; returns {name: (ir kernel, function)}."""
+    from attngen.verify import compiled
+
+    key = (source, sparse)
+    if key not in _compiled:
+        d = build / f"{tag or 'spec'}_{len(_compiled)}"
+        d.mkdir(parents=True)
+        path = d / "spec.attn"
+        path.write_text(source)
+        _compiled[key] = {k.name: (k, f) for k, f in compiled(path, d, sparse=sparse)}
+    return _compiled[key]
+
+
+@pytest.fixture(scope="session")
+def examples(build_dir) -> dict:
+    """Every example compiled (sparse plans): {name: (ir kernel, function)}."""
+    out = {}
+    for p in EXAMPLES:
+        out.update(compile_spec(p.read_text(), build_dir, tag=p.stem))
+    return out
+
+
+@pytest.fixture(scope="session")
+def examples_dense(build_dir) -> dict:
+    """Every example compiled with the block-sparsity analysis switched off."""
+    out = {}
+    for p in EXAMPLES:
+        out.update(compile_spec(p.read_text(), build_dir, sparse=False, tag=p.stem + "_dense"))
+    return out
+
+
+def example_names() -> list[str]:
+    from attngen import load_kernels
+
+    return [n for p in EXAMPLES for n in load_kernels(str(p))]

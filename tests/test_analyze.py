@@ -1,0 +1,121 @@
+"""The sympy stage: simplification is exact, and the derived key-block ranges are proven
+against brute-force enumeration of the mask, through the real kernel's visit trace."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import DEVICE, EXAMPLES, compile_spec
+
+from attngen import load_kernels
+from attngen.analyze import plan, simplify
+from attngen.interpret import Env, dense_mask, evaluate
+from attngen.verify import Shape, make_inputs, params_for
+
+ALL = {name: k for p in EXAMPLES for name, k in load_kernels(str(p)).items()}
+
+EXTRA = """
+attention band { mask kv_idx >= q_idx - 3 and kv_idx <= q_idx + 9 }
+attention shifted { mask q_idx - 7 >= kv_idx }
+attention ahead { mask kv_idx > q_idx + 2 }
+attention blockdiag { mask kv_idx // 16 == q_idx // 16 }
+attention floor_both { mask (q_idx - kv_idx) // 8 == 0 }
+attention rows_only { mask q_idx >= 10 and q_idx < 30 }
+attention scaled_k { mask 2 * kv_idx <= q_idx + 1 }
+attention param_guard {
+    param on: bool = true
+    param w: int = 5
+    mask on and q_idx - kv_idx < w and kv_idx <= q_idx
+}
+attention union3 { mask kv_idx < 3 or kv_idx >= kv_len - 2 or q_idx == kv_idx }
+"""
+# masks whose block ranges must be exact: visited iff some entry is visible,
+# and (single conjunct, no residual atoms) full iff every entry is visible
+TIGHT_VISITS = {"causal", "sliding_window", "chunked", "prefix_lm", "sink_window", "cross_attention",
+                "full", "band", "shifted", "ahead", "blockdiag", "scaled_k", "param_guard", "gqa", "mqa",
+                "qk192_v128", "alibi", "softcap", "gemma_local", "gemma_global", "union3"}
+TIGHT_FULL = {"causal", "sliding_window", "chunked", "cross_attention", "full", "band", "shifted", "ahead",
+              "blockdiag", "scaled_k", "param_guard", "gqa", "mqa", "qk192_v128", "alibi", "softcap",
+              "gemma_local", "gemma_global"}
+
+GRIDS = [  # (q_len, kv_len, BLOCK_M, BLOCK_N): non-multiples, q_len > kv_len (negative offsets), tiny
+    (37, 37, 16, 16), (64, 64, 16, 32), (50, 23, 16, 8), (23, 50, 8, 16), (1, 9, 16, 16), (70, 70, 32, 16),
+]
+
+
+def _brute(kernel, sq, sk, bm, bn, params, inputs):
+    """any/all visible per (query block, key block), from the dense mask over valid rows."""
+    m = dense_mask(kernel, 1, 1, sq, sk, params, inputs)[0, 0]
+    nm, nn = -(-sq // bm), -(-sk // bn)
+    anyv = torch.zeros(nm, nn, dtype=torch.bool)
+    allv = torch.zeros(nm, nn, dtype=torch.bool)
+    for i, j in itertools.product(range(nm), range(nn)):
+        blk = m[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn]
+        anyv[i, j] = blk.any()
+        allv[i, j] = blk.all() and (j + 1) * bn <= sk
+    return anyv, allv
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: "q{}k{}M{}N{}".format(*g))
+@pytest.mark.parametrize("name", sorted(ALL) + ["band", "shifted", "ahead", "blockdiag", "floor_both",
+                                                 "rows_only", "scaled_k", "param_guard", "union3"])
+def test_block_ranges_against_brute_force(build_dir, examples, name, grid):
+    sq, sk, bm, bn = grid
+    extra = compile_spec(EXTRA, build_dir, tag="extra")
+    kernel, fn = extra[name] if name in extra else examples[name]
+    shape = Shape(1, kernel.heads_q or 1, kernel.heads_kv or 1, sq, sk, 16, 16)
+    q, k, v, inputs = make_inputs(kernel, shape, torch.float32, DEVICE, seed=sq * 7 + sk)
+    params = params_for(kernel, Shape(1, 1, 1, sq, 4 * 13, 16, 16))  # windows ~13 wide
+    nm, nn = -(-sq // bm), -(-sk // bn)
+    trace = torch.zeros(shape.B * shape.Hq, nm, nn, dtype=torch.int32, device=DEVICE)
+    fn(q, k, v, **inputs, **params, config=dict(BLOCK_M=bm, BLOCK_N=bn), _trace=trace)
+    visits = trace[0].cpu()
+    anyv, allv = _brute(kernel, sq, sk, bm, bn, params, {n: t[:1].cpu() for n, t in inputs.items()})
+    assert set(visits.unique().tolist()) <= {0, 1, 16}, f"a block visited twice:\n{visits}"
+    assert not (anyv & (visits == 0)).any(), f"a visible block was skipped:\n{visits}\n{anyv.int()}"
+    assert not ((visits == 16) & ~allv).any(), f"a block marked full is not:\n{visits}\n{allv.int()}"
+    if name in TIGHT_VISITS:
+        assert torch.equal(visits > 0, anyv), f"visited blocks are not exactly the visible ones:\n{visits}"
+    if name in TIGHT_FULL:
+        assert torch.equal(visits == 16, allv), f"full blocks are not exactly the all-visible ones:\n{visits}"
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_simplification_is_exact(name):
+    """The interpreter on the sympy-simplified IR gives the same mask and scores."""
+    k = ALL[name]
+    s = simplify(k)
+    shape = Shape(2, k.heads_q or 2, k.heads_kv or 2, 29, 41, 8, 8)
+    _, _, _, inputs = make_inputs(k, shape, torch.float64, torch.device("cpu"), seed=1)
+    params = params_for(k, shape)
+    B, H, Sq, Sk = shape.B, shape.Hq, shape.Sq, shape.Sk
+    assert torch.equal(dense_mask(k, B, H, Sq, Sk, params, inputs), dense_mask(s, B, H, Sq, Sk, params, inputs))
+    if k.score is not None:
+        score = torch.randn(B, H, Sq, Sk, dtype=torch.float64) * 3
+        vals = []
+        for kk in (k, s):
+            pos = dict(b=torch.arange(B).view(B, 1, 1, 1), h=torch.arange(H).view(1, H, 1, 1),
+                       q_idx=torch.arange(Sq).view(1, 1, Sq, 1), kv_idx=torch.arange(Sk).view(1, 1, 1, Sk),
+                       q_len=Sq, kv_len=Sk, score=score)
+            vals.append(evaluate(kk.score, Env(pos, params, inputs, torch.float64, None)))
+        torch.testing.assert_close(vals[0], vals[1], rtol=1e-12, atol=1e-12)
+
+
+def test_plan_details():
+    p = plan(ALL["document"])
+    assert p.sparse and len(p.segments) == 1 and p.segments[0].residual
+    assert any("doc_id" in n for n in p.notes)
+    p = plan(ALL["sink_window"])
+    assert len(p.segments) == 2 and not any(s.residual for s in p.segments)
+    p = plan(ALL["causal"], sparse=False)
+    assert not p.sparse and p.segments[0].residual
+    # the scale is folded into the exp2 base: one multiply of qk by a per-program scalar
+    assert repr(plan(ALL["causal"]).logit) == "mul(mul(1.4426950408889634, sm_scale), qk)"
+    # dead conditions drop: q_idx >= 0 always holds
+    from attngen.lower import lower
+    from attngen.parse import parse
+
+    k = lower(parse("attention x { mask q_idx >= kv_idx and q_idx >= 0 and 0 <= q_idx - kv_idx }"))[0]
+    assert repr(simplify(k).mask) == "ge(q_idx, kv_idx)"

@@ -1,0 +1,130 @@
+"""Every example's generated forward kernel against the interpreter, with the tolerance
+calibrated on an fp64 golden (kernel error <= K x interpreter error in the same dtype)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, compile_spec, example_names
+
+from attngen.verify import CPU_SHAPES, GPU_SHAPES, Shape, check, make_inputs, params_for
+
+SHAPES = GPU_SHAPES[1:2] + CPU_SHAPES if DEVICE.type == "cuda" else CPU_SHAPES
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("name", example_names())
+def test_example_matches_interpreter(examples, name, dtype, shape):
+    kernel, fn = examples[name]
+    r = check(kernel, fn, shape, dtype, DEVICE, seed=hash((name, str(shape))) % 1000)
+    assert r.ok, f"{name} {r.dtype} {r.shape}: {r.why}"
+
+
+@pytest.mark.parametrize("name", example_names())
+def test_dense_mode_matches_sparse(examples, examples_dense, name):
+    """The suite with the sparsity analysis off: same results, and both correct."""
+    shape = CPU_SHAPES[0]
+    ks, fs = examples[name]
+    kd, fd = examples_dense[name]
+    r = check(kd, fd, shape, torch.float32, DEVICE, seed=3)
+    assert r.ok, r.why
+    q, k, v, inputs = make_inputs(ks, shape.fit(ks), torch.float32, DEVICE, seed=4)
+    p = params_for(ks, shape.fit(ks))
+    a, b = fs(q, k, v, **inputs, **p), fd(q, k, v, **inputs, **p)
+    assert (a - b).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("config", [dict(BLOCK_M=16, BLOCK_N=32), dict(BLOCK_M=64, BLOCK_N=16)],
+                         ids=lambda c: f"M{c['BLOCK_M']}N{c['BLOCK_N']}")
+@pytest.mark.parametrize("name", ["sink_window", "chunked", "document", "local_global", "dilated"])
+def test_other_block_sizes(examples, name, config):
+    kernel, fn = examples[name]
+    r = check(kernel, fn, Shape(1, 2, 1, 70, 83, 32, 16), torch.float32, DEVICE, seed=5, config=config)
+    assert r.ok, r.why
+
+
+SPECIAL = """
+attention python_intdiv {
+    # // and % follow Python on negative operands, in mask and score
+    score score + ((q_idx - kv_idx) // 3) * 0.25 + ((kv_idx - q_idx) % 5) * 0.125
+    mask  (kv_idx - q_idx) % 4 != 1 and (q_idx - kv_idx) // 7 >= -2
+}
+attention empty_rows {
+    # every third row sees nothing: output 0, lse -inf, no NaN
+    mask q_idx % 3 != 0 and q_idx >= kv_idx
+}
+attention neg_inf_score {
+    # a score that returns -inf drops entries like a mask; row 5 is fully dropped
+    score -inf if kv_idx > q_idx or q_idx == 5 else score
+}
+attention never {
+    mask q_idx < 0
+}
+attention spec_scale {
+    param t: float = 2.0
+    scale 0.5 / t
+    score score * t
+}
+attention big_logits {
+    score score * 64.0
+}
+"""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("name", ["python_intdiv", "empty_rows", "neg_inf_score", "never", "spec_scale",
+                                  "big_logits"])
+def test_special_specs(build_dir, name, dtype):
+    kernel, fn = compile_spec(SPECIAL, build_dir, tag="special")[name]
+    for shape in (Shape(1, 2, 2, 45, 45, 32, 32), Shape(1, 1, 1, 1, 1, 16, 16), Shape(2, 2, 1, 33, 7, 16, 8)):
+        r = check(kernel, fn, shape, dtype, DEVICE, seed=7)
+        assert r.ok, f"{shape}: {r.why}"
+
+
+def test_fully_masked_rows_are_zero(build_dir):
+    kernel, fn = compile_spec(SPECIAL, build_dir, tag="special")["empty_rows"]
+    q, k, v, _ = make_inputs(kernel, Shape(1, 2, 2, 40, 40, 16, 16), torch.float32, DEVICE, 1)
+    out, lse = fn(q, k, v, return_lse=True)
+    assert torch.equal(out[:, :, ::3], torch.zeros_like(out[:, :, ::3]))
+    assert torch.isneginf(lse[:, :, ::3]).all() and torch.isfinite(lse[:, :, 1::3]).all()
+
+
+def test_tolerance_catches_a_wrong_kernel(build_dir):
+    """The check must be able to fail: run the strict-causal kernel against the causal IR."""
+    causal = compile_spec("attention c { mask q_idx >= kv_idx }", build_dir, tag="mut")["c"][0]
+    strict = compile_spec("attention c { mask q_idx > kv_idx or q_idx == 0 }", build_dir, tag="mut2")["c"][1]
+    r = check(causal, strict, Shape(1, 2, 2, 40, 40, 16, 16), torch.float32, DEVICE, seed=2)
+    assert not r.ok
+
+
+def test_scale_override_and_noncontiguous(examples):
+    kernel, fn = examples["causal"]
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(1, 20, 2, 16, generator=g).to(DEVICE).transpose(1, 2)  # non-contiguous
+    k = torch.randn(1, 2, 20, 16, generator=g).to(DEVICE)
+    v = torch.randn(1, 2, 20, 16, generator=g).to(DEVICE)
+    from attngen.interpret import interpret
+
+    out = fn(q, k, v, scale=0.3)
+    ref = interpret(kernel, q.double(), k.double(), v.double(), scale=0.3)
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_call_validation(examples):
+    kernel, fn = examples["document"]
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    doc = torch.zeros(1, 8, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="doc_id.dtype: expected int32"):
+        fn(q, q, q, doc.long())
+    with pytest.raises(ValueError, match=r"doc_id.shape: expected \[1, 8\]"):
+        fn(q, q, q, doc[:, :4])
+    with pytest.raises(ValueError, match="k head dim"):
+        fn(q, q[..., :8], q, doc)
+    with pytest.raises(ValueError, match="query heads"):
+        examples["gqa"][1](q, q, q)
+    with pytest.raises(TypeError):
+        fn(q, q, q, doc, windw=3)
+    with pytest.raises(ValueError, match="window: expected int"):
+        examples["sliding_window"][1](q, q, q, window=2.5)
