@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 import sympy as sp
-from sympy.logic.boolalg import BooleanFunction, to_dnf
+from sympy.logic.boolalg import to_dnf
 
 from .errors import AttnError
 from .ir import Kernel, Node, Op, T, const
@@ -38,7 +38,7 @@ class sigmoid(sp.Function):  # noqa: N801 - printed like the spec's function
         return s * (1 - s)
 
 
-class NotRepresentable(Exception):
+class NotRepresentableError(Exception):
     """sympy produced a form the IR cannot express; callers keep the original IR."""
 
 
@@ -188,17 +188,17 @@ def from_sympy(e, syms: Symbols) -> Node:
             return out
         if e.exp.is_number and e.exp < 0:
             return _bin(Op.DIV, const(1.0), from_sympy(e.base ** (-e.exp), syms))
-        raise NotRepresentable(str(e))
+        raise NotRepresentableError(str(e))
     if isinstance(e, sp.floor):
         num, den = sp.fraction(sp.together(e.args[0]))
         if num.is_integer and den.is_integer:
             n_, d_ = from_sympy(num, syms), from_sympy(den, syms)
             return n_ if den == 1 else Node(Op.FLOORDIV, T.INT, (n_, d_))
-        raise NotRepresentable(str(e))
+        raise NotRepresentableError(str(e))
     if isinstance(e, sp.Mod):
         a, b = (from_sympy(x, syms) for x in e.args)
         if a.type is not T.INT or b.type is not T.INT:
-            raise NotRepresentable(str(e))
+            raise NotRepresentableError(str(e))
         return Node(Op.MOD, T.INT, (a, b))
     if type(e) in _REL:
         lhs, rhs = e.lhs, e.rhs
@@ -232,7 +232,7 @@ def from_sympy(e, syms: Symbols) -> Node:
     if isinstance(e, sp.Piecewise):
         *pairs, (last, cond) = e.args
         if cond is not sp.true:
-            raise NotRepresentable(str(e))
+            raise NotRepresentableError(str(e))
         out = from_sympy(last, syms)
         for val, c in reversed(pairs):
             a = from_sympy(val, syms)
@@ -246,7 +246,7 @@ def from_sympy(e, syms: Symbols) -> Node:
         x = from_sympy(e.args[0], syms)
         op = _FN[type(e)]
         return Node(op, x.type if op is Op.ABS else T.FLOAT, (x,))
-    raise NotRepresentable(f"{type(e).__name__}: {e}")
+    raise NotRepresentableError(f"{type(e).__name__}: {e}")
 
 
 def _is_bool_load(e, syms: Symbols) -> bool:
@@ -315,7 +315,7 @@ def roundtrip(n: Node | None, syms: Symbols) -> Node | None:
         return None
     try:
         out = from_sympy(sympify(n, syms), syms)
-    except NotRepresentable:
+    except NotRepresentableError:
         return n
     if n.type is T.FLOAT and out.type is not T.FLOAT:
         out = Node(Op.ADD, T.FLOAT, (out, const(0.0)))
@@ -483,7 +483,7 @@ def plan(k: Kernel, sparse: bool = True) -> Plan:
     logit_sp = LOG2E * score.subs(syms["score"], syms["qk"] * syms["sm_scale"])
     try:
         logit = from_sympy(logit_sp, syms)
-    except NotRepresentable as e:
+    except NotRepresentableError as e:
         raise AttnError(f"cannot print the score after simplification: {e}", k.score.span) from None
     if logit.type is not T.FLOAT:
         logit = Node(Op.ADD, T.FLOAT, (logit, const(0.0)))

@@ -7,7 +7,10 @@ uses wgmma, and fits in shared memory.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,3 +57,28 @@ def build(path: Path, dtype: str = "fp16", d_qk: int = 128, d_v: int = 128, arch
     ptx = k.asm["ptx"]
     return {"ptx": ptx, "shared": k.metadata.shared, "wgmma": "wgmma" in ptx,
             "fits": k.metadata.shared <= H100_SHARED_BYTES, "n_regs": getattr(k, "n_regs", None)}
+
+
+def build_all(jobs: list[dict]) -> list[dict]:
+    """Build many kernels in one fresh process: once triton has been imported under
+    TRITON_INTERPRET its standard library is interpreted and cannot be compiled.
+    Each job holds `path` and `build` keyword arguments; results drop the PTX text."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "attngen.aot"], input=json.dumps(jobs), text=True,
+                       capture_output=True, env=env, check=False)
+    if r.returncode:
+        raise RuntimeError(f"sm_90 build failed:\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout)
+
+
+def _main() -> None:
+    out = []
+    for job in json.loads(sys.stdin.read()):
+        res = build(Path(job.pop("path")), **job)
+        res.pop("ptx")
+        out.append(res)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    _main()

@@ -8,8 +8,21 @@ from dataclasses import dataclass
 
 from . import ast
 from .errors import AttnError, Span
-from .ir import (BUILTINS, DTYPES, LAYOUTS, SHAPE_SYMBOLS, Input, Kernel, Layout, Node, Op, Param, T,
-                 const, verify)
+from .ir import (
+    BUILTINS,
+    DTYPES,
+    LAYOUTS,
+    SHAPE_SYMBOLS,
+    Input,
+    Kernel,
+    Layout,
+    Node,
+    Op,
+    Param,
+    T,
+    const,
+    verify,
+)
 
 _IDENT = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 # names the generated wrapper uses itself; a param or input may not take them

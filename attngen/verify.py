@@ -177,7 +177,8 @@ def main(paths: list[str], dtypes: list[str] | None = None, quick: bool = False)
     names = dtypes or (["bfloat16", "float16"] if gpu else ["float32", "float16"])
     shapes = (GPU_SHAPES if gpu else CPU_SHAPES)[: 1 if quick else None]
     specs = sorted(p for a in paths for p in (Path(a).glob("*.attn") if Path(a).is_dir() else [Path(a)]))
-    print(f"attngen verify: {len(specs)} spec files on {'GPU ' + torch.cuda.get_device_name() if gpu else 'CPU (Triton interpreter)'}")
+    where = f"GPU {torch.cuda.get_device_name()}" if gpu else "CPU (Triton interpreter)"
+    print(f"attngen verify: {len(specs)} spec files on {where}")
     failures = 0
     total = 0
     with tempfile.TemporaryDirectory(prefix="attngen-verify-") as tmp:

@@ -1,0 +1,97 @@
+"""`attngen compile`, `attngen.load` and its cache, and the installed wheel."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DEVICE, ROOT
+
+import attngen
+
+
+def _run(*args, cwd=ROOT, **kw):
+    return subprocess.run([sys.executable, "-m", "attngen.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, **kw)
+
+
+def test_compile_then_import(tmp_path):
+    r = _run("compile", str(ROOT / "examples/gemma_local.attn"), "-o", str(tmp_path / "build"))
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in (tmp_path / "build").iterdir()} == {"gemma_local.py", "gemma_global.py"}
+    from attngen.runtime import import_path
+
+    fn = import_path(tmp_path / "build/gemma_local.py").gemma_local
+    q = torch.randn(1, 16, 20, 16, device=DEVICE)
+    k = torch.randn(1, 8, 20, 16, device=DEVICE)
+    out = fn(q, k, k, window=5)
+    ref = attngen.interpret(f"{ROOT}/examples/gemma_local.attn:gemma_local", q.double(), k.double(),
+                            k.double(), window=5)
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_emit_ir():
+    r = _run("compile", str(ROOT / "examples/sink_window.attn"), "--emit", "ir")
+    assert r.returncode == 0, r.stderr
+    assert "kernel sink_window" in r.stdout and "segment 1:" in r.stdout and "logit" in r.stdout
+
+
+def test_load_uses_a_versioned_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path / "cache"))
+    spec = tmp_path / "c.attn"
+    spec.write_text("attention c { mask q_idx >= kv_idx }\n")
+    fn = attngen.load(str(spec))
+    files = list((tmp_path / "cache" / attngen.__version__).glob("*.py"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    assert attngen.load(str(spec)).__name__ == fn.__name__
+    assert files[0].stat().st_mtime_ns == stamp  # reused, not rewritten
+    spec.write_text("attention c { mask q_idx > kv_idx }\n")
+    attngen.load(str(spec))
+    assert len(list((tmp_path / "cache" / attngen.__version__).glob("*.py"))) == 2
+
+
+def test_load_falls_back_when_cache_is_read_only(tmp_path, monkeypatch, capfd):
+    if os.geteuid() == 0:
+        target = tmp_path / "file"  # root ignores permissions: make the cache path a file instead
+        target.write_text("")
+        monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(target / "sub"))
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(ro))
+    spec = tmp_path / "c.attn"
+    spec.write_text("attention c2 { mask q_idx >= kv_idx }\n")
+    assert attngen.load(str(spec)).__name__ == "c2"
+    assert "not writable" in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_wheel_installs_grammar_and_templates(tmp_path):
+    """`pip install .` (not editable) into a fresh venv, then compile from another folder."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    site = next((venv / "lib").glob("python*/site-packages"))
+    # dependencies come from this environment (no network, no torch download); attngen does not
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    pip = [str(venv / "bin/python"), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+           str(ROOT)]
+    r = subprocess.run(pip, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    r = subprocess.run([str(venv / "bin/attngen"), "compile", str(ROOT / "examples/causal.attn"), "-o", "out"],
+                       capture_output=True, text=True, cwd=work, env=env)
+    assert r.returncode == 0, r.stderr
+    assert (work / "out/causal.py").exists()
+    where = subprocess.run([str(venv / "bin/python"), "-c", "import attngen.resources as r; "
+                            "print(r.resource_dir('grammar'), r.resource_dir('templates'))"],
+                           capture_output=True, text=True, cwd=work, env=env).stdout
+    assert str(site) in where and str(ROOT) not in where, where
+    assert Path(where.split()[0], "attn.lark").exists()
