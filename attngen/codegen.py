@@ -84,6 +84,19 @@ def _describe(seg: Segment) -> str:
     return s
 
 
+def _range_map(ranges: list[tuple[str, str]], name: str) -> tuple[list[str], list[str]]:
+    """Code before the loop (cumulative starts, and the count `n_{name}`) and inside it (the map from
+    counter j to a block index) for a concatenation of [lo, hi) ranges; empty ones fall through."""
+    pre, body = [], [f"blk = {ranges[0][0]} + j"]
+    done = f"({ranges[0][1]} - {ranges[0][0]})"
+    for r, (lo, hi) in enumerate(ranges[1:], 1):
+        pre.append(f"{name}{r} = {done}")
+        body.append(f"blk = tl.where(j >= {name}{r}, {lo} + (j - {name}{r}), blk)")
+        done = f"{name}{r} + ({hi} - {lo})"
+    pre.append(f"n_{name} = {done}")
+    return pre, body
+
+
 def _swaps(n: int) -> list[tuple[int, int]]:
     """A bubble-sort network over n segments (n is at most analyze.MAX_SEGMENTS)."""
     return [(j, j + 1) for i in range(n - 1) for j in range(n - 1 - i)]
@@ -102,6 +115,14 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     for i, seg in enumerate(pl.segments):
         lines, doc = _segment_lines(k, i, seg, helpers)
         segs.append({"lines": lines, "doc": doc})
+    n = len(segs)
+    if n:
+        partial = _range_map([r for i in range(n) for r in ((f"s{i}", f"f{i}"), (f"g{i}", f"e{i}"))],
+                             "partial")
+        full = _range_map([(f"f{i}", f"g{i}") for i in range(n)], "full")
+    else:  # the mask is always false: nothing to visit
+        partial = (["n_partial = 0"], ["blk = j"])
+        full = (["n_full = 0"], ["blk = j"])
     extra = [param_name(p.name) for p in k.params]
     host_extra = [f"{_cast(p.type.value)}({p.name})" for p in k.params]
     kernel_args = ["Q:*q", "K:*q", "V:*q", "Out:*q", "Lse:*fp32", "Trace:*i32"]
@@ -128,6 +149,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         score_src=py(k.score) if k.score is not None else "score",
         mask_lines=mp.lines, mask_expr=mask_expr, logit_lines=lp.lines, logit_expr=logit_expr,
         segments=segs, swaps=_swaps(len(segs)), plan_notes=notes,
+        partial_pre=partial[0], partial_map=partial[1], full_pre=full[0], full_map=full[1],
         params=[{"name": p.name, "type": p.type.value,
                  "default": None if p.default is None else literal(p.default)} for p in k.params],
         inputs=[i.name for i in k.inputs],

@@ -1,0 +1,133 @@
+"""One device call: the correctness suite at real sizes, then first timings side by side.
+
+    python benchmarks/gpu_check.py [--out DIR] [--skip-bench]
+
+Correctness: every example, S=4096, D=64 and 128, bf16 and fp16, against the interpreter
+with the fp64-calibrated tolerance. Timing (bf16, B=2, H=16, S=8192, D=128): attngen against
+SDPA (flash, cuDNN) and torch.compile(flex_attention) on the same inputs, do_bench medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from attngen.verify import GPU_SHAPES, check, compiled  # noqa: E402
+
+
+def correctness(tmp: Path, only: str | None = None, config: dict | None = None) -> list[dict]:
+    rows = []
+    for spec in sorted((ROOT / "examples").glob("*.attn")):
+        for kernel, fn in compiled(spec, tmp):
+            if only and kernel.name != only:
+                continue
+            for dtype in (torch.bfloat16, torch.float16):
+                for shape in GPU_SHAPES[:2]:
+                    t0 = time.time()
+                    r = check(kernel, fn, shape, dtype, torch.device("cuda"), seed=len(rows), config=config)
+                    rows.append(dict(name=r.name, dtype=r.dtype, shape=r.shape, err=r.err, ref_err=r.ref_err,
+                                     lse_err=r.lse_err, lse_ref_err=r.lse_ref_err, ok=r.ok, why=r.why))
+                    print(f"{'ok  ' if r.ok else 'FAIL'} {r.name:16s} {r.dtype:8s} {r.shape:30s} err {r.err:.2e} "
+                          f"(interp {r.ref_err:.2e}) lse {r.lse_err:.2e} ({r.lse_ref_err:.2e}) "
+                          f"{time.time() - t0:.1f}s {r.why}", flush=True)
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def bench(tmp: Path) -> list[dict]:
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from attngen.runtime import compile_file, import_path
+
+    B, H, S, D = 2, 16, 8192, 128
+    dev, dt = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, device=dev, dtype=dt, generator=g) for _ in range(3))
+    flex = torch.compile(flex_attention, dynamic=False)
+    docs = torch.sort(torch.randint(0, 16, (B, S), device=dev, generator=g), dim=-1).values.int()
+
+    def fn_of(example, name=None):
+        path = compile_file(ROOT / "examples" / f"{example}.attn", tmp / "bench")[0]
+        mod = import_path(path, f"bench_{example}")
+        return getattr(mod, name or example)
+
+    rows = []
+    variants = [
+        ("full", "full", {}, None, lambda b, h, qi, ki: qi >= 0, False),
+        ("causal", "causal", {}, None, lambda b, h, qi, ki: qi >= ki, True),
+        ("sliding 1024", "sliding_window", {"window": 1024}, None,
+         lambda b, h, qi, ki: (qi >= ki) & (qi - ki < 1024), None),
+        ("softcap 30", "softcap", {"cap": 30.0}, lambda s, b, h, qi, ki: 30.0 * torch.tanh(s / 30.0),
+         lambda b, h, qi, ki: qi >= ki, None),
+        ("document 16", "document", {"doc_id": docs}, None,
+         lambda b, h, qi, ki: (docs[b, qi] == docs[b, ki]) & (qi >= ki), None),
+    ]
+    for label, example, kw, score_mod, mask_mod, sdpa_causal in variants:
+        fn = fn_of(example)
+        bm = create_block_mask(mask_mod, B, 1, S, S, device=dev)
+        density = 1.0 - bm.sparsity() / 100.0
+        flops = 4 * B * H * S * S * D
+        ours = fn(q, k, v, **kw)
+        ref = flex(q, k, v, score_mod=score_mod, block_mask=bm)
+        diff = (ours.float() - ref.float()).abs().max().item()
+        t_ours = triton.testing.do_bench(lambda: fn(q, k, v, **kw), return_mode="median")
+        t_flex = triton.testing.do_bench(lambda: flex(q, k, v, score_mod=score_mod, block_mask=bm),
+                                         return_mode="median")
+        row = dict(variant=label, density=density, attngen_ms=t_ours, flex_ms=t_flex, max_diff_vs_flex=diff)
+        if sdpa_causal is not None:
+            for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+                try:
+                    with sdpa_kernel(backend):
+                        f = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=sdpa_causal)  # noqa: E731
+                        f()
+                        row[f"{name}_ms"] = triton.testing.do_bench(f, return_mode="median")
+                except RuntimeError as e:
+                    row[f"{name}_ms"] = None
+                    print(f"{name}: {e}")
+        for key in [k for k in row if k.endswith("_ms")]:
+            if row[key]:
+                row[key.replace("_ms", "_tflops")] = flops * density / row[key] / 1e9
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--only", help="one spec name")
+    ap.add_argument("--config", type=json.loads, help='launch overrides, e.g. {"num_stages": 1}')
+    a = ap.parse_args()
+    import triton
+
+    info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                cuda=torch.version.cuda, date=time.strftime("%Y-%m-%d"))
+    print(info)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = correctness(Path(tmp), a.only, a.config)
+        bench_rows = [] if a.skip_bench else bench(Path(tmp))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(dict(info=info, correctness=rows, bench=bench_rows), indent=1))
+    fails = [r for r in rows if not r["ok"]]
+    print(f"\n{len(rows) - len(fails)} passed, {len(fails)} failed")
+    for r in bench_rows:
+        print(f"{r['variant']:14s} dens {r['density']:.2f} attngen {r.get('attngen_tflops', 0):6.0f} TF/s "
+              f"flex {r.get('flex_tflops', 0):6.0f} cudnn {r.get('cudnn_tflops') or 0:6.0f} "
+              f"flash {r.get('flash_tflops') or 0:6.0f}  ratio vs flex {r['flex_ms'] / r['attngen_ms']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
