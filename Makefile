@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 # torch is pinned: an unpinned torch pulls a multi-GB CUDA build; numpy<2.4 keeps the
 # Triton 3.6 interpreter's range loops working
 PINS    := torch==2.13.0 triton==3.6.0 "numpy<2.4"
-TOOLS   := "lark>=1.1" "jinja2>=3.1" "sympy>=1.12" pytest hypothesis ruff hatchling
+TOOLS   := "lark>=1.1" "jinja2>=3.1" "sympy>=1.12" pytest hypothesis ruff hatchling editables
 
 .PHONY: setup verify test lint clean
 

@@ -24,7 +24,7 @@ import sympy as sp
 from sympy.logic.boolalg import to_dnf
 
 from .errors import AttnError
-from .ir import Kernel, Node, Op, T, const
+from .ir import Kernel, Node, Op, T, const, verify
 
 LOG2E = 1.0 / math.log(2.0)
 MAX_SEGMENTS = 4
@@ -478,7 +478,7 @@ def plan(k: Kernel, sparse: bool = True) -> Plan:
     """Run the sympy stage on a lowered kernel."""
     syms = Symbols.for_kernel(k)
     mask_sp = sympify(k.mask, syms) if k.mask is not None else sp.true
-    mask = None if mask_sp is sp.true else roundtrip(k.mask, syms)
+    mask = None if mask_sp is sp.true else simplify(k).mask
     score = to_sympy(k.score, syms) if k.score is not None else syms["score"]
     logit_sp = LOG2E * score.subs(syms["score"], syms["qk"] * syms["sm_scale"])
     try:
@@ -500,4 +500,4 @@ def plan(k: Kernel, sparse: bool = True) -> Plan:
 def simplify(k: Kernel) -> Kernel:
     """The kernel with mask and score simplified by sympy (used to prove the rewrite in tests)."""
     syms = Symbols.for_kernel(k)
-    return replace(k, mask=roundtrip(k.mask, syms), score=roundtrip(k.score, syms))
+    return verify(replace(k, mask=roundtrip(k.mask, syms), score=roundtrip(k.score, syms)))
