@@ -21,7 +21,7 @@ def load_kernels(path: str):
 
 def interpret(kernel, q, k, v, **kwargs):
     """Run a spec (an ir.Kernel, or 'file.attn' / 'file.attn:name') with the eager interpreter."""
-    from .interpret import interpret as _interpret
+    from .interpreter import interpret as _interpret
 
     if isinstance(kernel, str):
         path, _, name = kernel.partition(":")

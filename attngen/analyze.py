@@ -188,7 +188,9 @@ def from_sympy(e, syms: Symbols) -> Node:
             return out
         if e.exp.is_number and e.exp < 0:
             return _bin(Op.DIV, const(1.0), from_sympy(e.base ** (-e.exp), syms))
-        raise NotRepresentableError(str(e))
+        # x ** y = exp(y * log(x)): NaN for x < 0 either way
+        return Node(Op.EXP, T.FLOAT, (_bin(Op.MUL, from_sympy(e.exp, syms),
+                                           Node(Op.LOG, T.FLOAT, (from_sympy(e.base, syms),))),))
     if isinstance(e, sp.floor):
         num, den = sp.fraction(sp.together(e.args[0]))
         if num.is_integer and den.is_integer:
@@ -242,6 +244,15 @@ def from_sympy(e, syms: Symbols) -> Node:
     if isinstance(e, sp.ITE):
         c, a, b = (from_sympy(x, syms) for x in e.args)
         return Node(Op.WHERE, T.BOOL, (c, a, b))
+    if isinstance(e, (sp.Heaviside, sp.sign)):  # from derivatives of min/max/abs/clamp
+        x = from_sympy(e.args[0], syms)
+        zero = 0.5 if isinstance(e, sp.Heaviside) else 0.0
+        if isinstance(e, sp.Heaviside) and len(e.args) > 1:
+            zero = float(e.args[1])
+        neg = 0.0 if isinstance(e, sp.Heaviside) else -1.0
+        z = const(0)
+        inner = Node(Op.WHERE, T.FLOAT, (_bin(Op.LT, x, z), const(neg), const(zero)))
+        return Node(Op.WHERE, T.FLOAT, (_bin(Op.GT, x, z), const(1.0), inner))
     if type(e) in _FN:
         x = from_sympy(e.args[0], syms)
         op = _FN[type(e)]
@@ -274,13 +285,10 @@ def _assoc(args, syms: Symbols, add: bool) -> Node:
     if len(parts) == 2 and all(a.could_extract_minus_sign() for a in parts[0]):
         parts = [parts[1] + parts[0]]  # tile - scalar reads better than (-scalar) + tile
     out = None
-    for g in parts:
-        x = None
-        for a in g:
-            neg = a.could_extract_minus_sign() and x is not None
-            y = from_sympy(-a if neg else a, syms)
-            x = y if x is None else _bin(Op.SUB if neg else Op.ADD, x, y)
-        out = x if out is None else _bin(Op.ADD, out, x)
+    for a in (a for g in parts for a in g):
+        neg = a.could_extract_minus_sign() and out is not None
+        y = from_sympy(-a if neg else a, syms)
+        out = y if out is None else _bin(Op.SUB if neg else Op.ADD, out, y)
     return out
 
 
@@ -336,13 +344,26 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class InputGrad:
+    """One read of a learnable input in the score: where it reads, and d score / d (the read)."""
+
+    name: str
+    index: tuple[Node, ...]
+    partial: Node
+
+
+@dataclass(frozen=True)
 class Plan:
-    """What the kernel needs: the simplified mask, the exp2-domain logit, and the segments."""
+    """What the kernels need: the simplified mask, the exp2-domain logit, the segments both ways,
+    and the derivatives for the backward pass."""
 
     mask: Node | None             # evaluated on partial blocks
     logit: Node                   # log2-domain score as a function of qk, sm_scale, indices
-    segments: tuple[Segment, ...]
+    segments: tuple[Segment, ...]     # key blocks per query block (forward, dQ)
+    segments_t: tuple[Segment, ...]   # query blocks per key block (dK/dV)
     sparse: bool                  # False: the analysis was off or gave up (dense loops)
+    dlogit: Node                  # d score / d qk in natural units (sm_scale included)
+    input_grads: tuple[InputGrad, ...]
     notes: tuple[str, ...] = ()
 
 
@@ -434,8 +455,11 @@ def _q_halfline(atom, q) -> bool:
     return _direction(e, q) is not None and not _unsafe(e)
 
 
-def _segments(mask, syms: Symbols) -> tuple[tuple[Segment, ...], list[str]] | None:
-    q, k = syms["q_idx"], syms["kv_idx"]
+def _segments(mask, syms: Symbols, row: str = "q_idx", col: str = "kv_idx"
+              ) -> tuple[tuple[Segment, ...], list[str]] | None:
+    """Segments of visible `col` indices per block of `row` indices (forward and dQ: rows are
+    queries; dK/dV: rows are keys, so the same algebra gives the query range per key block)."""
+    q, k = syms[row], syms[col]
     if mask is sp.false:
         return (), ["mask is always false"]
     if mask is sp.true:
@@ -479,22 +503,55 @@ def plan(k: Kernel, sparse: bool = True) -> Plan:
     syms = Symbols.for_kernel(k)
     mask_sp = sympify(k.mask, syms) if k.mask is not None else sp.true
     mask = None if mask_sp is sp.true else simplify(k).mask
-    score = to_sympy(k.score, syms) if k.score is not None else syms["score"]
-    logit_sp = LOG2E * score.subs(syms["score"], syms["qk"] * syms["sm_scale"])
-    try:
-        logit = from_sympy(logit_sp, syms)
-    except NotRepresentableError as e:
-        raise AttnError(f"cannot print the score after simplification: {e}", k.score.span) from None
-    if logit.type is not T.FLOAT:
-        logit = Node(Op.ADD, T.FLOAT, (logit, const(0.0)))
+    score = sympify(k.score, syms) if k.score is not None else syms["score"]
+    at_qk = {syms["score"]: syms["qk"] * syms["sm_scale"]}
+    logit = _printable(LOG2E * score.subs(at_qk), syms, k, "the score")
+    dlogit, grads = _derivatives(k, score, syms, at_qk)
     everything = Segment((), (), (), (), mask is not None)
     if not sparse:
-        return Plan(mask, logit, (everything,), False, ("sparsity analysis off",))
+        return Plan(mask, logit, (everything,), (everything,), False, dlogit, grads, ("sparsity analysis off",))
     found = _segments(mask_sp, syms)
-    if found is None:
-        return Plan(mask, logit, (everything,), False, ("mask too complex for block ranges",))
-    segs, notes = found
-    return Plan(mask, logit, segs, True, tuple(notes))
+    found_t = _segments(mask_sp, syms, row="kv_idx", col="q_idx")
+    if found is None or found_t is None:
+        return Plan(mask, logit, (everything,), (everything,), False, dlogit, grads,
+                    ("mask too complex for block ranges",))
+    return Plan(mask, logit, found[0], found_t[0], True, dlogit, grads, tuple(found[1]))
+
+
+def _printable(e, syms: Symbols, k: Kernel, what: str) -> Node:
+    try:
+        out = from_sympy(e, syms)
+    except NotRepresentableError as err:
+        raise AttnError(f"cannot print {what} after simplification: {err}", k.score.span if k.score else k.span,
+                        "rewrite the score with the supported functions") from None
+    if out.type is T.FLOAT:
+        return out
+    return const(float(out.arg)) if out.op is Op.CONST else Node(Op.ADD, T.FLOAT, (out, const(0.0)))
+
+
+def _derivatives(k: Kernel, score, syms: Symbols, at_qk: dict) -> tuple[Node, tuple[InputGrad, ...]]:
+    """d score / d qk (natural units, scale included) and d score / d (each learnable read)."""
+    span = k.score.span if k.score is not None else k.span
+
+    def diff(e, x, what: str):
+        d = sp.diff(e, x)
+        if d.has(sp.Derivative, sp.Subs, sp.DiracDelta):
+            raise AttnError(f"sympy cannot differentiate the score with respect to {what}: {d}", span,
+                            "the backward pass needs d score / d score; use differentiable functions")
+        return d
+
+    dlogit = _printable(diff(score, syms["score"], "score").subs(at_qk) * syms["sm_scale"], syms, k,
+                        "the score's derivative")
+    grads = []
+    learnable = {i.name for i in k.inputs if i.learnable}
+    reads = sorted((f for f in score.atoms(sp.Function) if f.func.__name__[3:] in learnable),
+                   key=sp.default_sort_key)
+    for f in reads:
+        x = sp.Dummy("read", real=True)
+        d = diff(score.xreplace({f: x}), x, f"input {f.func.__name__[3:]!r}").xreplace({x: f}).subs(at_qk)
+        grads.append(InputGrad(f.func.__name__[3:], tuple(from_sympy(a, syms) for a in f.args),
+                               _printable(d, syms, k, "the score's derivative")))
+    return dlogit, tuple(grads)
 
 
 def simplify(k: Kernel) -> Kernel:

@@ -28,35 +28,35 @@ def _compiled_mode():
             os.environ["TRITON_INTERPRET"] = old
 
 
-def build(path: Path, dtype: str = "fp16", d_qk: int = 128, d_v: int = 128, arch: int = 90,
-          block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 2,
-          store_lse: bool = True) -> dict:
-    """Compile the kernel of the generated module at `path`; returns ptx, shared bytes, wgmma use."""
+def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128, d_v: int = 128, arch: int = 90,
+          block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 2) -> dict:
+    """Compile one kernel ("fwd", "pre", "dkdv", "dq") of the generated module at `path`."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from .runtime import import_path
 
+    values = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=triton.next_power_of_2(d_qk),
+                  BLOCK_DV=triton.next_power_of_2(d_v), D_QK=d_qk, D_V=d_v, TRACE=False, HAS_DLSE=True,
+                  DETERMINISTIC=False, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
     with _compiled_mode():
         mod = import_path(Path(path), f"attngen_aot_{Path(path).stem}_{os.getpid()}")
-        kernel = mod.KERNEL
-        sig = {}
-        for item in mod.KERNEL_ARGS:
+        fn, args = mod.KERNELS[kernel]
+        sig, const = {}, {}
+        for item in args:
             name, ty = item.split(":")
-            sig[name] = f"*{dtype}" if ty == "*q" else ty
-        const = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=triton.next_power_of_2(d_qk),
-                     BLOCK_DV=triton.next_power_of_2(d_v), D_QK=d_qk, D_V=d_v, STORE_LSE=store_lse,
-                     TRACE=False, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
-        sig.update({k: "constexpr" for k in const})
-        sig["Trace"] = "constexpr"
-        const["Trace"] = None
-        src = ASTSource(kernel, sig, const)
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+            if ty == "constexpr":
+                sig[name], const[name] = "constexpr", values[name]
+            elif ty == "none":  # optional pointers (trace, deterministic buffers) left out
+                sig[name], const[name] = "constexpr", None
+            else:
+                sig[name] = f"*{dtype}" if ty == "*q" else ty
+        k = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = k.asm["ptx"]
     return {"ptx": ptx, "shared": k.metadata.shared, "wgmma": "wgmma" in ptx,
-            "fits": k.metadata.shared <= H100_SHARED_BYTES, "n_regs": getattr(k, "n_regs", None)}
+            "fits": k.metadata.shared <= H100_SHARED_BYTES}
 
 
 def build_all(jobs: list[dict]) -> list[dict]:

@@ -77,6 +77,7 @@ class Input(Clause):
     name: str
     dtype: str
     shape: tuple[Expr, ...]
+    learnable: bool = False
 
 
 @dataclass(frozen=True)

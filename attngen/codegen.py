@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
 
 import jinja2
 
 from . import __version__
 from .analyze import Plan, Segment, plan
-from .ir import Kernel, Node
+from .ir import Kernel, Node, Op
 from .printer import PythonPrinter, TritonPrinter, input_args, literal, param_name
 from .resources import resource_dir
 
@@ -34,19 +35,35 @@ def _nest(fn: str, xs: list[str]) -> str:
     return out
 
 
-def _segment_lines(k: Kernel, i: int, seg: Segment, helpers: set[str]) -> tuple[list[str], str]:
-    """Scalar code computing segment i's element range (lo..hi), full range (flo..fhi) and blocks."""
-    p0 = TritonPrinter(k, {**_KERNEL_VARS, "q_idx": "q0"}, prefix=f"a{i}_")
-    p1 = TritonPrinter(k, {**_KERNEL_VARS, "q_idx": "q1"}, prefix=f"z{i}_")
+@dataclass(frozen=True)
+class Side:
+    """Names for one orientation of the block loops: rows are the program's own block, columns
+    are visited. Forward and dQ: rows are queries. dK/dV: rows are keys."""
+
+    row_var: str = "q_idx"
+    ends: tuple[str, str] = ("q0", "q1")
+    n_col: str = "kv_len"
+    col_block: str = "BLOCK_N"
+
+
+FWD = Side()
+BWD = Side("kv_idx", ("k0", "k1"), "q_len", "BLOCK_M")
+
+
+def _segment_lines(k: Kernel, i: int, seg: Segment, helpers: set[str], side: Side) -> list[str]:
+    """Scalar code computing segment i's column range (lo..hi), full range (flo..fhi) and blocks."""
+    p0 = TritonPrinter(k, {**_KERNEL_VARS, side.row_var: side.ends[0]}, prefix=f"a{i}_")
+    p1 = TritonPrinter(k, {**_KERNEL_VARS, side.row_var: side.ends[1]}, prefix=f"z{i}_")
 
     def at(n: Node, end: int) -> str:
         return (p0 if end == 0 else p1)(n)
 
-    # a bound f(q) monotone in q takes its extremes over q0..q1 at the ends; direction says which
+    # a bound f(row) monotone in row takes its extremes over the block's rows at the ends
+    last, nb = f"{side.n_col} - 1", side.col_block
     lo = _nest("tl.maximum", ["0"] + [at(n, d < 0) for n, d in seg.lo])
     flo = _nest("tl.maximum", ["0"] + [at(n, d > 0) for n, d in seg.lo])
-    hi = _nest("tl.minimum", ["kv_len - 1"] + [at(n, d > 0) for n, d in seg.hi])
-    fhi = _nest("tl.minimum", ["kv_len - 1"] + [at(n, d < 0) for n, d in seg.hi])
+    hi = _nest("tl.minimum", [last] + [at(n, d > 0) for n, d in seg.hi])
+    fhi = _nest("tl.minimum", [last] + [at(n, d < 0) for n, d in seg.hi])
     on = [p0(g) for g in seg.guards]
     full = [] if not seg.residual else ["False"]
     for a in seg.q_atoms:
@@ -55,27 +72,53 @@ def _segment_lines(k: Kernel, i: int, seg: Segment, helpers: set[str]) -> tuple[
         full.append(f"({x} & {y})")
     for pr in (p0, p1):
         helpers |= pr.helpers
-    lines = p0.lines + p1.lines + [f"lo{i} = {lo}", f"hi{i} = {hi}", f"flo{i} = {flo}",
-                                   f"fhi{i} = {fhi}", f"blo{i} = lo{i} // BLOCK_N"]
+    lines = [f"# segment {i}: {_describe(seg, side)}"] + p0.lines + p1.lines
+    lines += [f"lo{i} = {lo}", f"hi{i} = {hi}", f"flo{i} = {flo}", f"fhi{i} = {fhi}", f"blo{i} = lo{i} // {nb}"]
     cond = " & ".join(on + [f"(hi{i} >= lo{i})"])
-    lines.append(f"bhi{i} = tl.where({cond}, (hi{i} + BLOCK_N) // BLOCK_N, blo{i})")
-    lines.append(f"fblo{i} = (flo{i} + BLOCK_N - 1) // BLOCK_N")
+    lines.append(f"bhi{i} = tl.where({cond}, (hi{i} + {nb}) // {nb}, blo{i})")
+    lines.append(f"fblo{i} = (flo{i} + {nb} - 1) // {nb}")
     if "False" in full:
         lines.append(f"fbhi{i} = fblo{i}  # residual atoms: every block is partial")
     elif full:
-        lines.append(f"fbhi{i} = tl.where({' & '.join(full)}, tl.maximum(fhi{i} + 1, 0) // BLOCK_N, fblo{i})")
+        lines.append(f"fbhi{i} = tl.where({' & '.join(full)}, tl.maximum(fhi{i} + 1, 0) // {nb}, fblo{i})")
     else:
-        lines.append(f"fbhi{i} = tl.maximum(fhi{i} + 1, 0) // BLOCK_N")
-    doc = _describe(seg)
-    return lines, doc
+        lines.append(f"fbhi{i} = tl.maximum(fhi{i} + 1, 0) // {nb}")
+    return lines
 
 
-def _describe(seg: Segment) -> str:
+def _visit(k: Kernel, segs: tuple[Segment, ...], helpers: set[str], side: Side) -> dict:
+    """All scalar code before the two loops, and the counter-to-block maps inside them."""
+    n = len(segs)
+    pre = [line for i, seg in enumerate(segs) for line in _segment_lines(k, i, seg, helpers, side)]
+    if n > 1:
+        pre.append("# visit segments in order of their first block, so that overlaps are visited once")
+    for i, j in _swaps(n):
+        pre.append(f"sw = blo{j} < blo{i}")
+        for v in ("blo", "bhi", "fblo", "fbhi"):
+            pre.append(f"{v}{i}, {v}{j} = tl.where(sw, {v}{j}, {v}{i}), tl.where(sw, {v}{i}, {v}{j})")
+    pre.append("# clip each segment to what earlier ones left; split it into partial and full ranges")
+    pre.append("cursor = 0")
+    for i in range(n):
+        pre += [f"s{i} = tl.maximum(blo{i}, cursor)", f"e{i} = tl.maximum(bhi{i}, s{i})",
+                f"f{i} = tl.minimum(tl.maximum(fblo{i}, s{i}), e{i})",
+                f"g{i} = tl.maximum(tl.minimum(fbhi{i}, e{i}), f{i})", f"cursor = e{i}"]
+    if n:
+        partial = _range_map([r for i in range(n) for r in ((f"s{i}", f"f{i}"), (f"g{i}", f"e{i}"))], "partial")
+        full = _range_map([(f"f{i}", f"g{i}") for i in range(n)], "full")
+    else:  # the mask is always false: nothing to visit
+        partial = (["n_partial = 0"], ["blk = j"])
+        full = (["n_full = 0"], ["blk = j"])
+    return {"pre": pre, "partial_pre": partial[0], "partial_map": partial[1], "full_pre": full[0],
+            "full_map": full[1]}
+
+
+def _describe(seg: Segment, side: Side = FWD) -> str:
     lo = ", ".join(py(n) for n, _ in seg.lo) or "0"
-    hi = ", ".join(py(n) for n, _ in seg.hi) or "kv_len - 1"
+    hi = ", ".join(py(n) for n, _ in seg.hi) or f"{side.n_col} - 1"
     lo = f"max({lo})" if len(seg.lo) > 1 else lo
     hi = f"min({hi})" if len(seg.hi) > 1 else hi
-    s = f"kv_idx in [{lo}, {hi}]"
+    col = "kv_idx" if side.row_var == "q_idx" else "q_idx"
+    s = f"{col} in [{lo}, {hi}]"
     conds = [py(n) for n in seg.guards + seg.q_atoms]
     if conds:
         s += " where " + " and ".join(conds)
@@ -102,6 +145,26 @@ def _swaps(n: int) -> list[tuple[int, int]]:
     return [(j, j + 1) for i in range(n - 1) for j in range(n - 1 - i)]
 
 
+_CONSTEXPR = "constexpr"
+
+
+def _sig(args: list[str]) -> str:
+    """A kernel's parameter list from 'name:type' items, wrapped like hand-written code."""
+    names = [f"{a.split(':')[0]}: tl.constexpr" if a.endswith(_CONSTEXPR) else a.split(":")[0] for a in args]
+    lines, cur = [], ""
+    for n in names:
+        if cur and len(cur) + len(n) > 100:
+            lines.append(cur.rstrip())
+            cur = ""
+        cur += n + ", "
+    lines.append(cur.rstrip())
+    return "\n    " + "\n    ".join(lines) + "\n"
+
+
+def _strides(t: str, dims: str) -> list[str]:
+    return [f"stride_{t}{d}:i32" for d in dims]
+
+
 def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     """The generated module's source for one kernel."""
     pl = the_plan or plan(k, sparse=sparse)
@@ -110,60 +173,114 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     mask_expr = "kv_idx < kv_len" if pl.mask is None else f"{mp(pl.mask)} & (kv_idx < kv_len)"
     lp = TritonPrinter(k, _KERNEL_VARS, prefix="s")
     logit_expr = lp(pl.logit)
-    helpers |= mp.helpers | lp.helpers
-    segs = []
-    for i, seg in enumerate(pl.segments):
-        lines, doc = _segment_lines(k, i, seg, helpers)
-        segs.append({"lines": lines, "doc": doc})
-    n = len(segs)
-    if n:
-        partial = _range_map([r for i in range(n) for r in ((f"s{i}", f"f{i}"), (f"g{i}", f"e{i}"))],
-                             "partial")
-        full = _range_map([(f"f{i}", f"g{i}") for i in range(n)], "full")
-    else:  # the mask is always false: nothing to visit
-        partial = (["n_partial = 0"], ["blk = j"])
-        full = (["n_full = 0"], ["blk = j"])
-    extra = [param_name(p.name) for p in k.params]
-    host_extra = [f"{_cast(p.type.value)}({p.name})" for p in k.params]
-    kernel_args = ["Q:*q", "K:*q", "V:*q", "Out:*q", "Lse:*fp32", "Trace:*i32"]
-    for t, dims in (("q", "bhmd"), ("k", "bhnd"), ("v", "bhnd"), ("o", "bhmd")):
-        kernel_args += [f"stride_{t}{d}:i32" for d in dims]
-    kernel_args += ["q_len:i32", "kv_len:i32", "H:i32", "GROUP:i32", "sm_scale:fp32"]
-    kernel_args += [f"{param_name(p.name)}:{_TYPE_SIG[p.type.value]}" for p in k.params]
-    for inp in k.inputs:
+    dp = TritonPrinter(k, _KERNEL_VARS, prefix="d")
+    dscore_expr = dp(pl.dlogit)
+    helpers |= mp.helpers | lp.helpers | dp.helpers
+    fwd = _visit(k, pl.segments, helpers, FWD)
+    bwd = _visit(k, pl.segments_t, helpers, BWD)
+    grad_lines, grad_extra_args = _input_grad_code(k, pl, helpers)
+
+    extra_args = [f"{param_name(p.name)}:{_TYPE_SIG[p.type.value]}" for p in k.params]
+    host_extra = [f"{_cast(p.type.value)}(params[{p.name!r}])" for p in k.params]
+    for i, inp in enumerate(k.inputs):
         names = input_args(inp.name, len(inp.shape))
-        extra += names
-        host_extra += [inp.name, f"*{inp.name}.stride()", f"*{inp.name}.shape"]
-        kernel_args += [f"{names[0]}:{_PTR_SIG[inp.dtype]}"] + [f"{n}:i32" for n in names[1:]]
+        extra_args += [f"{names[0]}:{_PTR_SIG[inp.dtype]}"] + [f"{n}:i32" for n in names[1:]]
+        host_extra += [f"tensors[{i}]", f"*tensors[{i}].stride()", f"*tensors[{i}].shape"]
+    extra = "".join(f", {a.split(':')[0]}" for a in extra_args)
+    grad_extra = "".join(f", {a.split(':')[0]}" for a in grad_extra_args)
+    tile = ["BLOCK_M", "BLOCK_N", "BLOCK_DQK", "BLOCK_DV", "D_QK", "D_V"]
+    cx = lambda names: [f"{n}:{_CONSTEXPR}" for n in names]  # noqa: E731
+    sizes = ["q_len:i32", "kv_len:i32", "H:i32", "GROUP:i32", "sm_scale:fp32"]
+    args = {
+        "fwd": ["Q:*q", "K:*q", "V:*q", "Out:*q", "Mrow:*fp32", "Lrow:*fp32", "Trace:none"] + _strides("q", "bhmd")
+        + _strides("k", "bhnd") + _strides("v", "bhnd") + _strides("o", "bhmd") + sizes + extra_args
+        + cx(tile + ["TRACE", "DOT_PRECISION"]),
+        "pre": ["Out:*q", "dO:*q", "dLse:*fp32", "Delta:*fp32"] + _strides("o", "bhmd") + _strides("do", "bhmd")
+        + ["q_len:i32", "H:i32"] + cx(["BLOCK_M", "BLOCK_DV", "D_V", "HAS_DLSE"]),
+        "dkdv": ["Q:*q", "K:*q", "V:*q", "dO:*q", "Mrow:*fp32", "Lrow:*fp32", "Delta:*fp32", "dK:*q", "dV:*q",
+                 "Trace:none"]
+        + _strides("q", "bhmd") + _strides("k", "bhnd") + _strides("v", "bhnd") + _strides("do", "bhmd")
+        + _strides("dk", "bhnd") + _strides("dv", "bhnd") + sizes + extra_args + cx(tile + ["TRACE", "DOT_PRECISION"]),
+        "dq": ["Q:*q", "K:*q", "V:*q", "dO:*q", "Mrow:*fp32", "Lrow:*fp32", "Delta:*fp32", "dQ:*q", "Trace:none"]
+        + _strides("q", "bhmd") + _strides("k", "bhnd") + _strides("v", "bhnd") + _strides("do", "bhmd")
+        + _strides("dq", "bhmd") + sizes + extra_args + grad_extra_args
+        + cx(tile + ["TRACE", "DOT_PRECISION", "DETERMINISTIC"]),
+    }
+    knames = {"fwd": "fwd_kernel", "pre": "bwd_preprocess", "dkdv": "bwd_dkdv_kernel", "dq": "bwd_dq_kernel"}
     shape_doc = {"bhsd": ("[B, H, S_q, D_qk]", "[B, H_kv, S_kv, D_qk]", "[B, H_kv, S_kv, D_v]",
                           "[B, H, S_q, D_v]"),
                  "bshd": ("[B, S_q, H, D_qk]", "[B, S_kv, H_kv, D_qk]", "[B, S_kv, H_kv, D_v]",
                           "[B, S_q, H, D_v]")}[k.layout.kind]
-    notes = [f"segment {i}: {s['doc']}" for i, s in enumerate(segs)] or ["none: the mask is always false"]
-    notes += list(pl.notes)
+    notes_fwd = [f"segment {i}: {_describe(s)}" for i, s in enumerate(pl.segments)] or ["none: never visible"]
+    notes_fwd += list(pl.notes)
+    notes_bwd = [f"segment {i}: {_describe(s, BWD)}" for i, s in enumerate(pl.segments_t)] or ["none"]
+    learnable = tuple(i.name for i in k.inputs if i.learnable)
     ctx = dict(
-        name=k.name, version=__version__, file=k.file, spec_source=k.source,
-        kernel_name=f"_{k.name}_fwd_kernel", helpers=sorted(helpers),
-        extra_params="".join(f", {a}" for a in extra), host_extra=host_extra,
+        name=k.name, version=__version__, file=k.file, spec_source=k.source, helpers=sorted(helpers),
+        extra=extra, grad_extra=grad_extra, host_extra=", ".join(host_extra),
         mask_src=py(pl.mask) if pl.mask is not None else "(none)",
         score_src=py(k.score) if k.score is not None else "score",
         mask_lines=mp.lines, mask_expr=mask_expr, logit_lines=lp.lines, logit_expr=logit_expr,
-        segments=segs, swaps=_swaps(len(segs)), plan_notes=notes,
-        partial_pre=partial[0], partial_map=partial[1], full_pre=full[0], full_map=full[1],
+        dscore_lines=dp.lines, dscore_expr=dscore_expr, dscore_src=py(pl.dlogit),
+        grads_doc=[f"{g.name}[{', '.join(py(i) for i in g.index)}] = {py(g.partial)}" for g in pl.input_grads],
+        fwd=fwd, bwd=bwd, notes_fwd=notes_fwd, notes_bwd=notes_bwd,
+        input_grads=list(pl.input_grads), input_grad_lines=grad_lines,
+        grad_owner=repr([g.name for g in pl.input_grads]), learnable=repr(learnable),
+        sig={key: _sig(a) for key, a in args.items()},
+        kernel_table=[(key, f"{k.name}_{knames[key]}", repr(a)) for key, a in args.items()],
         params=[{"name": p.name, "type": p.type.value,
                  "default": None if p.default is None else literal(p.default)} for p in k.params],
         inputs=[i.name for i in k.inputs],
-        inputs_doc={i.name: f"{i.dtype}[{', '.join(py(d) for d in i.shape)}]" for i in k.inputs},
+        inputs_doc={i.name: f"{i.dtype}[{', '.join(py(d) for d in i.shape)}]" + (" (learnable)" if i.learnable else "")
+                    for i in k.inputs},
         params_table=_table({p.name: (p.type.value, p.default) for p in k.params}),
-        inputs_table=_inputs_table(k),
-        heads_q=k.heads_q, heads_kv=k.heads_kv, layout=k.layout.kind,
-        layout_doc=shape_doc[0], shape_q=shape_doc[0], shape_k=shape_doc[1], shape_v=shape_doc[2],
-        shape_out=shape_doc[3],
+        inputs_table=_inputs_table(k), heads_q=k.heads_q, heads_kv=k.heads_kv, layout=k.layout.kind,
+        shape_q=shape_doc[0], shape_k=shape_doc[1], shape_v=shape_doc[2], shape_out=shape_doc[3],
         scale_expr=py(k.scale) if k.scale is not None else "1.0 / math.sqrt(Dqk)",
         scale_doc=f"spec: {py(k.scale)}" if k.scale is not None else "default 1/sqrt(D_qk)",
-        kernel_args=repr(kernel_args),
     )
-    return _env().get_template("forward.py.jinja").render(**ctx)
+    return _env().get_template("module.py.jinja").render(**ctx)
+
+
+def _input_grad_code(k: Kernel, pl: Plan, helpers: set[str]) -> tuple[list[str], list[str]]:
+    """The body of `_input_grads` and the extra kernel arguments it needs."""
+    args: list[str] = []
+    for name in (i.name for i in k.inputs if i.learnable):
+        rank = len(k.input(name).shape)
+        args += [f"grad_{name}:*fp32"] + [f"grad_{name}_stride{d}:i32" for d in range(rank)]
+    lines: list[str] = []
+    if pl.input_grads:
+        lines.append("flat = ((b * H + h).to(tl.int64) * q_len + q_idx) * kv_len + kv_idx  # [BLOCK_M, BLOCK_N]")
+        lines.append("inside = (q_idx < q_len) & (kv_idx < kv_len)")
+    for r, g in enumerate(pl.input_grads):
+        args += [f"Gv{r}:none", f"Gi{r}:none"]
+        pr = TritonPrinter(k, _KERNEL_VARS, prefix=f"r{r}_")
+        idx = [pr(i) for i in g.index]
+        idx = [c if i.op in (Op.VAR, Op.CONST, Op.PARAM) else pr._tmp(c) for c, i in zip(idx, g.index)]
+        part = pr(g.partial)
+        helpers |= pr.helpers
+        inp = k.input(g.name)
+        sizes = input_args(g.name, len(inp.shape))[1 + len(inp.shape):]
+        inb = " & ".join(f"({i} >= 0) & ({i} < {sz})" for i, sz in zip(idx, sizes))
+        off = " + ".join(f"{i} * grad_{g.name}_stride{d}" for d, i in enumerate(idx))
+        deps = set().union(*(n.vars() for n in g.index)) & {"q_idx", "kv_idx"}
+        lines.append(f"# {g.name}[{', '.join(py(i) for i in g.index)}]: d score / d read = {py(g.partial)}")
+        lines += pr.lines
+        lines.append(f"g{r} = ds * {part}" if part != "1.0" else f"g{r} = ds")
+        lines.append(f"inb{r} = {inb}")
+        lines.append("if DETERMINISTIC:")
+        lines.append(f"    tl.store(Gv{r} + flat, g{r}, mask=inside)")
+        lines.append(f"    tl.store(Gi{r} + flat, tl.where(inb{r}, ({off}).to(tl.int64) + flat * 0, -1), mask=inside)")
+        lines.append("else:")
+        if deps == {"q_idx", "kv_idx"}:
+            lines.append(f"    tl.atomic_add(grad_{g.name} + {off}, g{r}, mask=inb{r})")
+        elif deps == {"q_idx"}:
+            lines.append(f"    tl.atomic_add(grad_{g.name} + {off}, tl.sum(g{r}, 1, keep_dims=True), mask=inb{r})")
+        elif deps == {"kv_idx"}:
+            lines.append(f"    tl.atomic_add(grad_{g.name} + {off}, tl.sum(g{r}, 0, keep_dims=True), mask=inb{r})")
+        else:  # one entry per tile: sum it first, then a single atomic
+            lines.append(f"    tl.atomic_add(grad_{g.name} + {off}, tl.sum(tl.sum(g{r}, 1), 0), mask=inb{r})")
+    return lines, args
 
 
 def _cast(t: str) -> str:

@@ -2,7 +2,7 @@
 
 Expressions are trees of `Node`. Equality ignores spans, so structurally equal
 subtrees compare and hash equal (the printer relies on that for CSE).
-The interpreter (interpret.py) is the definition of what each op means.
+The interpreter (interpreter.py) is the definition of what each op means.
 """
 
 from __future__ import annotations
@@ -124,6 +124,7 @@ class Input:
     dtype: str
     shape: tuple[Node, ...]
     span: Span | None = field(default=None, compare=False)
+    learnable: bool = False   # gets a gradient (float inputs read in the score)
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,7 @@ def dump(k: Kernel) -> str:
     for p in k.params:
         lines.append(f"  param {p.name}: {p.type.value} = {p.default!r}")
     for i in k.inputs:
-        lines.append(f"  input {i.name}: {i.dtype}{list(i.shape)}")
+        lines.append(f"  input {i.name}: {i.dtype}{list(i.shape)}{' learnable' if i.learnable else ''}")
     lines.append(f"  scale = {k.scale!r}" if k.scale is not None else "  scale = 1/sqrt(d_qk)")
     lines.append(f"  mask  = {k.mask!r}")
     lines.append(f"  score = {k.score!r}")

@@ -301,7 +301,9 @@ def lower_spec(mod: ast.Module, spec: ast.Spec) -> Kernel:
             for d, de in zip(shape, c.shape):
                 if d.type is not T.INT:
                     raise AttnError("a shape dimension must be an int", de.span)
-            inputs[c.name] = Input(c.name, c.dtype, shape, c.span)
+            if c.learnable and "float" not in c.dtype:
+                raise AttnError(f"learnable input {c.name!r} must be a float tensor, not {c.dtype}", c.span)
+            inputs[c.name] = Input(c.name, c.dtype, shape, c.span, c.learnable)
         elif isinstance(c, ast.Let):
             declare(c.name, c.span, "mask" if c.is_mask else "let")
             lets[c.name] = c
@@ -321,6 +323,11 @@ def lower_spec(mod: ast.Module, spec: ast.Spec) -> Kernel:
         if mask.type is not T.BOOL:
             raise AttnError(f"mask must be a predicate, got {mask.type.value}", bodies["mask"].expr.span,
                             "e.g. mask q_idx >= kv_idx")
+    learn = {i.name for i in inputs.values() if i.learnable}
+    if mask is not None and learn & {n.arg for n in mask.walk() if n.op is Op.LOAD}:
+        bad = next(n for n in mask.walk() if n.op is Op.LOAD and n.arg in learn)
+        raise AttnError(f"learnable input {bad.arg!r} is read in the mask, which has no gradient", bad.span,
+                        "read learnable inputs in the score")
     if "score" in bodies:
         scope.allow_score = True
         score = low.expr(bodies["score"].expr)

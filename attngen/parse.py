@@ -136,7 +136,8 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def input(self, meta, c):
-        return ast.Input(self._s(meta), str(c[0]), str(c[1]), tuple(c[2:]))
+        learnable = c[-1] is not None
+        return ast.Input(self._s(meta), str(c[0]), str(c[1]), tuple(c[2:-1]), learnable)
 
     @v_args(meta=True)
     def let(self, meta, c):

@@ -106,6 +106,8 @@ class TritonPrinter:
                 return f"({self(a)} {sym} {self(b)})"
             self.helpers.add(op.value)
             return f"_{op.value}({self(a)}, {self(b)})"
+        if op is Op.ADD and n.srcs[1].op is Op.CONST and n.srcs[1].arg == 0.0 and n.type is T.FLOAT:
+            return self._float(n.srcs[0])  # int -> float promotion written by lowering/analysis
         if op in _TL_BIN:
             fl = n.type is T.FLOAT
             a, b = (self._float(s) if fl else self(s) for s in n.srcs)
@@ -157,6 +159,8 @@ class PythonPrinter:
             return f"({s})" if s.startswith("-") else s
         if op in (Op.PARAM, Op.VAR):
             return n.arg
+        if op is Op.ADD and n.srcs[1].op is Op.CONST and n.srcs[1].arg == 0.0 and n.type is T.FLOAT:
+            return self(n.srcs[0])  # an int -> float promotion
         xs = [self(s) for s in n.srcs]
         if op is Op.LOAD:
             return f"{n.arg}[{', '.join(xs)}]"

@@ -3,7 +3,8 @@
 On a GPU the kernels run natively; without one they run under the Triton interpreter
 (TRITON_INTERPRET=1, set before triton is imported). Tolerance calibrates itself, as
 Inductor does for flex: the kernel's error against an fp64 golden must be at most
-K times the error of the interpreter run in the same dtype, plus a few ulps.
+K times the error of the interpreter run in the same dtype, plus a few ulps of the
+tensor's scale. Outputs, the LSE and every gradient (dq, dk, dv, learnable inputs) are checked.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-K_FACTOR = 2.0
+# fp32 gets more room: the kernel's logits live in log2 units (1.44x larger, so up to 2x coarser
+# ulps than the interpreter's natural-log logits) and gradient sums like d slope = sum ds*(kv - q)
+# amplify that; in 16-bit dtypes the interpreter's own rounding dominates
+K_FACTOR = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0}
 # a floor for when the interpreter happens to be nearly exact: a few ulps of the output scale
 ATOL = {"float32": 1e-6, "float16": 5e-4, "bfloat16": 4e-3}
 
@@ -69,7 +73,7 @@ def make_inputs(kernel, shape: Shape, dtype, device, seed: int):
     """Fresh random q, k, v and spec inputs (never zeros), from a fixed seed."""
     import torch
 
-    from .interpret import _TORCH_DTYPES, Env, evaluate
+    from .interpreter import _TORCH_DTYPES, Env, evaluate
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     s = shape
@@ -102,12 +106,23 @@ class Result:
     name: str
     shape: str
     dtype: str
-    err: float
-    ref_err: float
-    lse_err: float
-    lse_ref_err: float
+    errors: dict[str, tuple[float, float]]   # tensor -> (kernel error, interpreter error) vs fp64
     ok: bool
     why: str = ""
+
+    @property
+    def worst(self) -> str:
+        """The tensor whose error is largest relative to the interpreter's."""
+        return max(self.errors, key=lambda n: self.errors[n][0] / max(self.errors[n][1], 1e-30))
+
+    def line(self) -> str:
+        o, lse = self.errors["out"], self.errors["lse"]
+        s = f"out {o[0]:.1e} ({o[1]:.1e})  lse {lse[0]:.1e} ({lse[1]:.1e})"
+        grads = [n for n in self.errors if n not in ("out", "lse")]
+        if grads:
+            w = max(grads, key=lambda n: self.errors[n][0] / max(self.errors[n][1], 1e-30))
+            s += f"  grads ok, worst {w} {self.errors[w][0]:.1e} ({self.errors[w][1]:.1e})" if self.ok else ""
+        return s
 
 
 def _maxdiff(a, b) -> float:
@@ -119,35 +134,82 @@ def _maxdiff(a, b) -> float:
     return float(d.max()) if d.numel() else 0.0
 
 
-def check(kernel, fn, shape: Shape, dtype, device, seed: int = 0, config: dict | None = None) -> Result:
-    """Run the generated function and the interpreter; compare both against fp64."""
+def _run(fn, q, k, v, inputs, params, grad: bool, dout, dlse, **kw):
+    """Outputs and, with grad, the gradients of sum(out*dout) + sum(lse*dlse) (finite lse only)."""
     import torch
 
-    from .interpret import interpret
+    learn = [n for n, t in inputs.items() if t.is_floating_point()]
+    leaves = {"q": q, "k": k, "v": v, **{n: inputs[n] for n in learn}}
+    if grad:
+        leaves = {n: t.detach().clone().requires_grad_() for n, t in leaves.items()}
+    ins = {**inputs, **{n: leaves[n] for n in learn}}
+    with torch.set_grad_enabled(grad):
+        out, lse = fn(leaves["q"], leaves["k"], leaves["v"], **ins, **params, return_lse=True, **kw)
+    res = {"out": out.detach(), "lse": lse.detach()}
+    if grad:
+        fin = torch.isfinite(lse.detach())
+        loss = (out.double() * dout.to(out.device)).sum() + (lse.double()[fin] * dlse.to(out.device)[fin]).sum()
+        loss.backward()
+        for n, t in leaves.items():
+            res["d" + n] = t.grad if t.grad is not None else torch.zeros_like(t)
+    return res
+
+
+def check(kernel, fn, shape: Shape, dtype, device, seed: int = 0, config: dict | None = None,
+          grad: bool = True, deterministic: bool = False) -> Result:
+    """Run the generated function and the interpreter; compare both against fp64, outputs and
+    (with grad) every gradient: q, k, v and the learnable inputs."""
+    import torch
+
+    from .interpreter import interpret
 
     shape = shape.fit(kernel)
     q, k, v, inputs = make_inputs(kernel, shape, dtype, device, seed)
+    learnable = {i.name for i in kernel.inputs if i.learnable}
     params = params_for(kernel, shape)
-    out, lse = fn(q, k, v, **inputs, **params, return_lse=True, config=config)
+    g = torch.Generator().manual_seed(seed + 1)
+    layout_out = (shape.B, shape.Sq, shape.Hq, shape.Dv) if kernel.layout.kind == "bshd" else \
+        (shape.B, shape.Hq, shape.Sq, shape.Dv)
+    dout = torch.randn(*layout_out, generator=g, dtype=torch.float64)
+    dlse = torch.randn(shape.B, shape.Hq, shape.Sq, generator=g, dtype=torch.float64)
+    interp = lambda q, k, v, **kw: interpret(kernel, q, k, v, **kw)  # noqa: E731
     up = lambda t: t.double() if t.is_floating_point() else t  # noqa: E731
-    gold, gold_lse = interpret(kernel, up(q), up(k), up(v), return_lse=True,
-                               **{n: up(t) for n, t in inputs.items()}, **params)
-    ref_dev = device if dtype != torch.float16 or device.type == "cuda" else "cpu"
-    ref, ref_lse = interpret(kernel, q.to(ref_dev), k.to(ref_dev), v.to(ref_dev), return_lse=True,
-                             **{n: t.to(ref_dev) for n, t in inputs.items()}, **params)
+    fixed = {n: t for n, t in inputs.items() if n not in learnable}
+    learn = {n: t for n, t in inputs.items() if n in learnable}
+
+    def call(f, q, k, v, ins, **kw):
+        return _run(lambda q, k, v, **a: f(q, k, v, **{**fixed_of(ins), **a}), q, k, v,
+                    {n: ins[n] for n in learn}, params, grad, dout, dlse, **kw)
+
+    def fixed_of(ins):
+        return {n: ins[n] for n in fixed}
+
+    ours = call(fn, q, k, v, inputs, config=config, deterministic=deterministic)
+    gold = call(interp, up(q), up(k), up(v), {n: up(t) for n, t in inputs.items()})
+    ref_dev = device if dtype != torch.float16 or device.type == "cuda" else torch.device("cpu")
+    ref = call(interp, q.to(ref_dev), k.to(ref_dev), v.to(ref_dev), {n: t.to(ref_dev) for n, t in inputs.items()})
     name = str(dtype).replace("torch.", "")
-    err, ref_err = _maxdiff(out, gold), _maxdiff(ref.to(device), gold)
-    lerr, lref = _maxdiff(lse, gold_lse), _maxdiff(ref_lse.to(device).float(), gold_lse)
-    why = []
-    if torch.isnan(out).any() or torch.isnan(lse).any():
+    errors, why = {}, []
+    if torch.isnan(ours["out"]).any() or torch.isnan(ours["lse"]).any():
         why.append("NaN in output")
-    if not torch.equal(torch.isneginf(lse), torch.isneginf(gold_lse)):
+    if not torch.equal(torch.isneginf(ours["lse"]), torch.isneginf(gold["lse"]).to(device)):
         why.append("fully masked rows differ")
-    if err > K_FACTOR * ref_err + ATOL[name]:
-        why.append(f"out error {err:.3g} > {K_FACTOR} x {ref_err:.3g} + {ATOL[name]}")
-    if lerr > K_FACTOR * lref + ATOL[name]:
-        why.append(f"lse error {lerr:.3g} > {K_FACTOR} x {lref:.3g} + {ATOL[name]}")
-    return Result(kernel.name, str(shape), name, err, ref_err, lerr, lref, not why, "; ".join(why))
+    for key in gold:
+        a, b, c = ours[key], gold[key].to(device), ref[key].to(device)
+        if key == "lse":
+            c = c.float()
+        e, r = _maxdiff(a, b), _maxdiff(c, b)
+        errors[key] = (e, r)
+        finite = b[torch.isfinite(b)]
+        scale = max(1.0, float(finite.abs().max()) if finite.numel() else 1.0)
+        # a learnable input's gradient sums O(S^2) terms that cancel (each row's ds sums to 0):
+        # give it a floor of ~80 ulps of its scale instead of ~8
+        floor = ATOL[name] * scale * (10.0 if key[1:] in learnable else 1.0)
+        if torch.isnan(a).any():
+            why.append(f"NaN in {key}")
+        elif e > K_FACTOR[name] * r + floor:
+            why.append(f"{key} error {e:.3g} > {K_FACTOR[name]} x {r:.3g} + {floor:.2g}")
+    return Result(kernel.name, str(shape), name, errors, not why, "; ".join(why))
 
 
 def compiled(spec_path: Path, out_dir: Path, sparse: bool = True):
@@ -190,8 +252,7 @@ def main(paths: list[str], dtypes: list[str] | None = None, quick: bool = False)
                         r = check(kernel, fn, shape, getattr(torch, dt), device, seed=total)
                         total += 1
                         failures += not r.ok
-                        print(f"{'ok  ' if r.ok else 'FAIL'} {r.name:18s} {r.dtype:8s} {r.shape:28s} "
-                              f"err {r.err:.2e} (interp {r.ref_err:.2e})  lse {r.lse_err:.2e} "
-                              f"({r.lse_ref_err:.2e})  {time.time() - t0:.1f}s {r.why}", flush=True)
+                        print(f"{'ok  ' if r.ok else 'FAIL'} {r.name:16s} {r.dtype:8s} {r.shape:28s} "
+                              f"{r.line()}  {time.time() - t0:.1f}s {r.why}", flush=True)
     print(f"{total - failures} passed, {failures} failed")
     return 1 if failures else 0

@@ -2,8 +2,9 @@
 
     python benchmarks/gpu_check.py [--out DIR] [--skip-bench]
 
-Correctness: every example, S=4096, D=64 and 128, bf16 and fp16, against the interpreter
-with the fp64-calibrated tolerance. Timing (bf16, B=2, H=16, S=8192, D=128): attngen against
+Correctness: every example at S=4096 against the interpreter with the fp64-calibrated
+tolerance: bf16 forward and backward (dq, dk, dv, learnable inputs) at D=128 with GQA, fp16
+forward at D=64. Determinism of learnable-input gradients. Timing (bf16, B=2, H=16, S=8192, D=128): attngen against
 SDPA (flash, cuDNN) and torch.compile(flex_attention) on the same inputs, do_bench medians.
 """
 
@@ -21,7 +22,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from attngen.verify import GPU_SHAPES, check, compiled  # noqa: E402
+from attngen.verify import Shape, check, compiled  # noqa: E402
+
+# (dtype, shape, check gradients): bf16 forward + backward at S=4096, fp16 forward at D=64
+COMBOS = ((torch.bfloat16, Shape(1, 8, 2, 4096, 4096, 128, 128), True),
+          (torch.float16, Shape(2, 16, 16, 4096, 4096, 64, 64), False))
 
 
 def correctness(tmp: Path, only: str | None = None, config: dict | None = None) -> list[dict]:
@@ -30,17 +35,34 @@ def correctness(tmp: Path, only: str | None = None, config: dict | None = None) 
         for kernel, fn in compiled(spec, tmp):
             if only and kernel.name != only:
                 continue
-            for dtype in (torch.bfloat16, torch.float16):
-                for shape in GPU_SHAPES[:2]:
-                    t0 = time.time()
-                    r = check(kernel, fn, shape, dtype, torch.device("cuda"), seed=len(rows), config=config)
-                    rows.append(dict(name=r.name, dtype=r.dtype, shape=r.shape, err=r.err, ref_err=r.ref_err,
-                                     lse_err=r.lse_err, lse_ref_err=r.lse_ref_err, ok=r.ok, why=r.why))
-                    print(f"{'ok  ' if r.ok else 'FAIL'} {r.name:16s} {r.dtype:8s} {r.shape:30s} err {r.err:.2e} "
-                          f"(interp {r.ref_err:.2e}) lse {r.lse_err:.2e} ({r.lse_ref_err:.2e}) "
-                          f"{time.time() - t0:.1f}s {r.why}", flush=True)
-                    torch.cuda.empty_cache()
+            for dtype, shape, grad in COMBOS:
+                t0 = time.time()
+                r = check(kernel, fn, shape, dtype, torch.device("cuda"), seed=len(rows), config=config, grad=grad)
+                rows.append(dict(name=r.name, dtype=r.dtype, shape=r.shape, grad=grad, errors=r.errors, ok=r.ok,
+                                 why=r.why))
+                print(f"{'ok  ' if r.ok else 'FAIL'} {r.name:16s} {r.dtype:8s} {r.shape:30s} {r.line()} "
+                      f"{time.time() - t0:.1f}s {r.why}", flush=True)
+                torch.cuda.empty_cache()
     return rows
+
+
+def determinism(tmp: Path) -> dict:
+    """Learnable-input gradients twice: default (atomics) and deterministic mode."""
+    spec = ROOT / "examples" / "relative_bias.attn"
+    (kernel, fn), = compiled(spec, tmp)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 16, 4096, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    bias = torch.randn(16, 65, device="cuda", generator=g)
+    out = {}
+    for det in (False, True):
+        grads = []
+        for _ in range(2):
+            b = bias.clone().requires_grad_()
+            fn(q, k, v, b, deterministic=det).float().square().sum().backward()
+            grads.append(b.grad)
+        out["deterministic" if det else "default"] = bool(torch.equal(grads[0], grads[1]))
+    print("bit-identical bias gradients across two runs:", out, flush=True)
+    return out
 
 
 def bench(tmp: Path) -> list[dict]:
@@ -54,7 +76,7 @@ def bench(tmp: Path) -> list[dict]:
     dev, dt = "cuda", torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
     q, k, v = (torch.randn(B, H, S, D, device=dev, dtype=dt, generator=g) for _ in range(3))
-    flex = torch.compile(flex_attention, dynamic=False)
+    torch._dynamo.config.recompile_limit = 64  # one process times many variants, with and without grad
     docs = torch.sort(torch.randint(0, 16, (B, S), device=dev, generator=g), dim=-1).values.int()
 
     def fn_of(example, name=None):
@@ -74,6 +96,7 @@ def bench(tmp: Path) -> list[dict]:
          lambda b, h, qi, ki: (docs[b, qi] == docs[b, ki]) & (qi >= ki), None),
     ]
     for label, example, kw, score_mod, mask_mod, sdpa_causal in variants:
+        flex = torch.compile(flex_attention, dynamic=False)  # a fresh cache per variant
         fn = fn_of(example)
         bm = create_block_mask(mask_mod, B, 1, S, S, device=dev)
         density = 1.0 - bm.sparsity() / 100.0
@@ -85,6 +108,18 @@ def bench(tmp: Path) -> list[dict]:
         t_flex = triton.testing.do_bench(lambda: flex(q, k, v, score_mod=score_mod, block_mask=bm),
                                          return_mode="median")
         row = dict(variant=label, density=density, attngen_ms=t_ours, flex_ms=t_flex, max_diff_vs_flex=diff)
+        qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        do = torch.randn_like(q)
+
+        def fb(f):
+            def run():
+                qg.grad = kg.grad = vg.grad = None
+                f().backward(do)
+            return run
+        t_ours_b = triton.testing.do_bench(fb(lambda: fn(qg, kg, vg, **kw)), return_mode="median")
+        t_flex_b = triton.testing.do_bench(fb(lambda: flex(qg, kg, vg, score_mod=score_mod, block_mask=bm)),
+                                           return_mode="median")
+        row.update(attngen_fb_ms=t_ours_b, flex_fb_ms=t_flex_b)
         if sdpa_causal is not None:
             for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
                 try:
@@ -97,7 +132,8 @@ def bench(tmp: Path) -> list[dict]:
                     print(f"{name}: {e}")
         for key in [k for k in row if k.endswith("_ms")]:
             if row[key]:
-                row[key.replace("_ms", "_tflops")] = flops * density / row[key] / 1e9
+                f = flops * (3.5 if "_fb_" in key else 1.0)  # fwd + bwd = 1 + 2.5 fwd
+                row[key.replace("_ms", "_tflops")] = f * density / row[key] / 1e9
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -117,16 +153,19 @@ def main() -> None:
     print(info)
     with tempfile.TemporaryDirectory() as tmp:
         rows = correctness(Path(tmp), a.only, a.config)
+        det = determinism(Path(tmp))
         bench_rows = [] if a.skip_bench else bench(Path(tmp))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(dict(info=info, correctness=rows, bench=bench_rows), indent=1))
+    result = dict(info=info, correctness=rows, determinism=det, bench=bench_rows)
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=1))
     fails = [r for r in rows if not r["ok"]]
     print(f"\n{len(rows) - len(fails)} passed, {len(fails)} failed")
     for r in bench_rows:
         print(f"{r['variant']:14s} dens {r['density']:.2f} attngen {r.get('attngen_tflops', 0):6.0f} TF/s "
               f"flex {r.get('flex_tflops', 0):6.0f} cudnn {r.get('cudnn_tflops') or 0:6.0f} "
-              f"flash {r.get('flash_tflops') or 0:6.0f}  ratio vs flex {r['flex_ms'] / r['attngen_ms']:.2f}")
+              f"flash {r.get('flash_tflops') or 0:6.0f}  vs flex {r['flex_ms'] / r['attngen_ms']:.2f}  "
+              f"fwd+bwd {r['attngen_fb_tflops']:5.0f} TF/s vs flex {r['flex_fb_ms'] / r['attngen_fb_ms']:.2f}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from conftest import DEVICE, EXAMPLES, compile_spec
 
 from attngen import load_kernels
 from attngen.analyze import plan, simplify
-from attngen.interpret import Env, dense_mask, evaluate
+from attngen.interpreter import Env, dense_mask, evaluate
 from attngen.verify import Shape, make_inputs, params_for
 
 ALL = {name: k for p in EXAMPLES for name, k in load_kernels(str(p)).items()}
@@ -45,34 +45,21 @@ GRIDS = [  # (q_len, kv_len, BLOCK_M, BLOCK_N): non-multiples, q_len > kv_len (n
 ]
 
 
-def _brute(kernel, sq, sk, bm, bn, params, inputs):
-    """any/all visible per (query block, key block), from the dense mask over valid rows."""
-    m = dense_mask(kernel, 1, 1, sq, sk, params, inputs)[0, 0]
-    nm, nn = -(-sq // bm), -(-sk // bn)
-    anyv = torch.zeros(nm, nn, dtype=torch.bool)
-    allv = torch.zeros(nm, nn, dtype=torch.bool)
-    for i, j in itertools.product(range(nm), range(nn)):
-        blk = m[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn]
+def _blocks(m: torch.Tensor, br: int, bc: int):
+    """Per (row block, column block) of a dense mask: any entry visible, and every entry visible
+    (a column block running past the end is never all-visible: the kernels mask it)."""
+    rows, cols = m.shape
+    nr, nc = -(-rows // br), -(-cols // bc)
+    anyv = torch.zeros(nr, nc, dtype=torch.bool)
+    allv = torch.zeros(nr, nc, dtype=torch.bool)
+    for i, j in itertools.product(range(nr), range(nc)):
+        blk = m[i * br:(i + 1) * br, j * bc:(j + 1) * bc]
         anyv[i, j] = blk.any()
-        allv[i, j] = blk.all() and (j + 1) * bn <= sk
+        allv[i, j] = blk.all() and (j + 1) * bc <= cols
     return anyv, allv
 
 
-@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: "q{}k{}M{}N{}".format(*g))
-@pytest.mark.parametrize("name", sorted(ALL) + ["band", "shifted", "ahead", "blockdiag", "floor_both",
-                                                 "rows_only", "scaled_k", "param_guard", "union3"])
-def test_block_ranges_against_brute_force(build_dir, examples, name, grid):
-    sq, sk, bm, bn = grid
-    extra = compile_spec(EXTRA, build_dir, tag="extra")
-    kernel, fn = extra[name] if name in extra else examples[name]
-    shape = Shape(1, kernel.heads_q or 1, kernel.heads_kv or 1, sq, sk, 16, 16)
-    q, k, v, inputs = make_inputs(kernel, shape, torch.float32, DEVICE, seed=sq * 7 + sk)
-    params = params_for(kernel, Shape(1, 1, 1, sq, 4 * 13, 16, 16))  # windows ~13 wide
-    nm, nn = -(-sq // bm), -(-sk // bn)
-    trace = torch.zeros(shape.B * shape.Hq, nm, nn, dtype=torch.int32, device=DEVICE)
-    fn(q, k, v, **inputs, **params, config=dict(BLOCK_M=bm, BLOCK_N=bn), _trace=trace)
-    visits = trace[0].cpu()
-    anyv, allv = _brute(kernel, sq, sk, bm, bn, params, {n: t[:1].cpu() for n, t in inputs.items()})
+def _check_visits(name, visits, anyv, allv):
     assert set(visits.unique().tolist()) <= {0, 1, 16}, f"a block visited twice:\n{visits}"
     assert not (anyv & (visits == 0)).any(), f"a visible block was skipped:\n{visits}\n{anyv.int()}"
     assert not ((visits == 16) & ~allv).any(), f"a block marked full is not:\n{visits}\n{allv.int()}"
@@ -80,6 +67,36 @@ def test_block_ranges_against_brute_force(build_dir, examples, name, grid):
         assert torch.equal(visits > 0, anyv), f"visited blocks are not exactly the visible ones:\n{visits}"
     if name in TIGHT_FULL:
         assert torch.equal(visits == 16, allv), f"full blocks are not exactly the all-visible ones:\n{visits}"
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: "q{}k{}M{}N{}".format(*g))
+@pytest.mark.parametrize("name", sorted(ALL) + ["band", "shifted", "ahead", "blockdiag", "floor_both",
+                                                 "rows_only", "scaled_k", "param_guard", "union3"])
+def test_block_ranges_against_brute_force(build_dir, examples, name, grid):
+    """Forward and dQ: key blocks per query block. dK/dV: query blocks per key block, derived from
+    the same mask with the roles swapped. All three from the kernels' own visit traces."""
+    sq, sk, bm, bn = grid
+    extra = compile_spec(EXTRA, build_dir, tag="extra")
+    kernel, fn = extra[name] if name in extra else examples[name]
+    shape = Shape(1, kernel.heads_q or 1, kernel.heads_kv or 1, sq, sk, 16, 16)
+    q, k, v, inputs = make_inputs(kernel, shape, torch.float32, DEVICE, seed=sq * 7 + sk)
+    params = params_for(kernel, Shape(1, 1, 1, sq, 4 * 13, 16, 16))  # windows ~13 wide
+    nm, nn = -(-sq // bm), -(-sk // bn)
+    bh = shape.B * shape.Hq
+    trace = {"fwd": torch.zeros(bh, nm, nn, dtype=torch.int32, device=DEVICE),
+             "dq": torch.zeros(bh, nm, nn, dtype=torch.int32, device=DEVICE),
+             "dkdv": torch.zeros(bh, nn, nm, dtype=torch.int32, device=DEVICE)}
+    q.requires_grad_()
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn)
+    out = fn(q, k, v, **inputs, **params, config=cfg, _trace=trace)
+    out.sum().backward()
+    m = dense_mask(kernel, 1, 1, sq, sk, params, {n: t[:1].cpu() for n, t in inputs.items()})[0, 0]
+    anyv, allv = _blocks(m, bm, bn)
+    _check_visits(name, trace["fwd"][0].cpu(), anyv, allv)
+    assert torch.equal(trace["dq"], trace["fwd"]), "dQ visits differ from the forward's"
+    # transposed: for each key block, which query blocks it sees
+    any_t, all_t = _blocks(m.T, bn, bm)
+    _check_visits(name, trace["dkdv"][0].cpu(), any_t, all_t)
 
 
 @pytest.mark.parametrize("name", sorted(ALL))

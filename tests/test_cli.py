@@ -95,3 +95,10 @@ def test_wheel_installs_grammar_and_templates(tmp_path):
                            capture_output=True, text=True, cwd=work, env=env).stdout
     assert str(site) in where and str(ROOT) not in where, where
     assert Path(where.split()[0], "attn.lark").exists()
+
+
+def test_training_example_loss_goes_down():
+    r = subprocess.run([sys.executable, str(ROOT / "examples/train_relative_bias.py")], capture_output=True,
+                       text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "step 19" in r.stdout

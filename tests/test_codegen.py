@@ -23,8 +23,8 @@ def test_module_is_deterministic_and_self_contained(path):
         imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert imported <= {"math", "torch", "triton", "triton.language"}, imported
         doc = ast.get_docstring(tree)
-        assert f"attention {name}" in doc and "Kernel constexprs" in doc and "segment" in doc
-        assert f"def {name}(" in code
+        assert f"attention {name}" in doc and "Constexprs" in doc and "segment" in doc and "d score / d qk" in doc
+        assert f"def {name}(" in code and "class _Attention(torch.autograd.Function)" in code
 
 
 def test_bytes_identical_across_processes():
@@ -55,8 +55,11 @@ def test_hostile_names_are_rejected_or_inert(tmp_path):
     assert 'float("inf")' in code
 
 
-SM90_JOBS = (dict(dtype="fp16", d_qk=128, d_v=128, num_warps=8),
-             dict(dtype="bf16", d_qk=64, d_v=64, num_warps=4, num_stages=3))
+SM90_JOBS = (dict(kernel="fwd", dtype="fp16", d_qk=128, d_v=128, num_warps=8),
+             dict(kernel="fwd", dtype="bf16", d_qk=64, d_v=64, num_warps=4, num_stages=3),
+             dict(kernel="pre", dtype="bf16", d_qk=128, d_v=128, block_m=64, num_warps=4),
+             dict(kernel="dkdv", dtype="bf16", d_qk=128, d_v=128, block_m=64, block_n=64, num_warps=8),
+             dict(kernel="dq", dtype="bf16", d_qk=128, d_v=128, block_m=64, block_n=64, num_warps=8))
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +76,8 @@ def sm90_builds(tmp_path_factory):
                 jobs.append({"path": str(mod), **job})
                 keys.append((mod.stem, i))
             if "192" in mod.stem:
-                jobs.append({"path": str(mod), "dtype": "bf16", "d_qk": 192, "d_v": 128, "block_m": 64,
-                             "block_n": 32, "num_stages": 1})
+                jobs.append({"path": str(mod), "kernel": "fwd", "dtype": "bf16", "d_qk": 192, "d_v": 128,
+                             "block_m": 64, "block_n": 32, "num_stages": 1})
                 keys.append((mod.stem, len(SM90_JOBS)))
     return dict(zip(keys, build_all(jobs)))
 
@@ -86,5 +89,6 @@ def test_builds_for_sm90(sm90_builds, name):
     results = {k: r for k, r in sm90_builds.items() if k[0] == name}
     assert results
     for (_, i), r in results.items():
-        assert r["wgmma"], f"{name} job {i}: no wgmma in the PTX"
+        is_pre = i < len(SM90_JOBS) and SM90_JOBS[i]["kernel"] == "pre"  # no matrix product in it
+        assert r["wgmma"] or is_pre, f"{name} job {i}: no wgmma in the PTX"
         assert r["fits"], f"{name} job {i}: {r['shared']} bytes of shared memory"

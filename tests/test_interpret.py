@@ -8,7 +8,7 @@ import torch
 from conftest import EXAMPLES
 
 from attngen import load_kernels
-from attngen.interpret import interpret
+from attngen.interpreter import interpret
 from attngen.lower import lower
 from attngen.parse import parse
 

@@ -55,6 +55,8 @@ BAD = [
     ("# nothing here\n", "no 'attention NAME { ... }' spec", None, None),
     ("attention x { input t: int32[h]\n mask t > 0 }", "input 't' is a tensor; index it", 2, 7),
     ("attention x { mask q_idx = = kv_idx }", "unexpected '='", 1, 28),
+    ("attention x { input t: int32[h] learnable }", "learnable input 't' must be a float tensor", 1, 15),
+    ("attention x { input t: float32[kv_len] learnable\n mask t[kv_idx] > 0 }", "is read in the mask", 2, 7),
 ]
 
 
@@ -91,3 +93,17 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "attngen.cli", "check", str(tmp_path / "nope.attn")],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_underivable_score_is_a_positioned_error(monkeypatch):
+    """If sympy cannot form d score / d score, compiling says so at the score's line."""
+    import sympy
+
+    from attngen import analyze
+    from attngen.codegen import compile_source
+
+    real = sympy.diff
+    monkeypatch.setattr(analyze.sp, "diff", lambda e, x: sympy.Derivative(e, x) if str(x) == "score" else real(e, x))
+    with pytest.raises(AttnError) as ei:
+        compile_source("attention x {\n  score tanh(score)\n}", "d.attn")
+    assert "cannot differentiate the score" in ei.value.message and ei.value.span.line == 2
