@@ -29,7 +29,7 @@ def _compiled_mode():
 
 
 def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128, d_v: int = 128, arch: int = 90,
-          block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 2) -> dict:
+          block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 2, i64: bool = False) -> dict:
     """Compile one kernel ("fwd", "pre", "dkdv", "dq") of the generated module at `path`."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -39,7 +39,7 @@ def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128,
 
     values = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=triton.next_power_of_2(d_qk),
                   BLOCK_DV=triton.next_power_of_2(d_v), D_QK=d_qk, D_V=d_v, TRACE=False, HAS_DLSE=True,
-                  DETERMINISTIC=False, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+                  DETERMINISTIC=False, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", I64=i64)
     with _compiled_mode():
         mod = import_path(Path(path), f"attngen_aot_{Path(path).stem}_{os.getpid()}")
         fn, args = mod.KERNELS[kernel]

@@ -194,17 +194,18 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     args = {
         "fwd": ["Q:*q", "K:*q", "V:*q", "Out:*q", "Mrow:*fp32", "Lrow:*fp32", "Trace:none"] + _strides("q", "bhmd")
         + _strides("k", "bhnd") + _strides("v", "bhnd") + _strides("o", "bhmd") + sizes + extra_args
-        + cx(tile + ["TRACE", "DOT_PRECISION"]),
+        + cx(tile + ["TRACE", "DOT_PRECISION", "I64"]),
         "pre": ["Out:*q", "dO:*q", "dLse:*fp32", "Delta:*fp32"] + _strides("o", "bhmd") + _strides("do", "bhmd")
-        + ["q_len:i32", "H:i32"] + cx(["BLOCK_M", "BLOCK_DV", "D_V", "HAS_DLSE"]),
+        + ["q_len:i32", "H:i32"] + cx(["BLOCK_M", "BLOCK_DV", "D_V", "HAS_DLSE", "I64"]),
         "dkdv": ["Q:*q", "K:*q", "V:*q", "dO:*q", "Mrow:*fp32", "Lrow:*fp32", "Delta:*fp32", "dK:*q", "dV:*q",
                  "Trace:none"]
         + _strides("q", "bhmd") + _strides("k", "bhnd") + _strides("v", "bhnd") + _strides("do", "bhmd")
-        + _strides("dk", "bhnd") + _strides("dv", "bhnd") + sizes + extra_args + cx(tile + ["TRACE", "DOT_PRECISION"]),
+        + _strides("dk", "bhnd") + _strides("dv", "bhnd") + sizes + extra_args
+        + cx(tile + ["TRACE", "DOT_PRECISION", "I64"]),
         "dq": ["Q:*q", "K:*q", "V:*q", "dO:*q", "Mrow:*fp32", "Lrow:*fp32", "Delta:*fp32", "dQ:*q", "Trace:none"]
         + _strides("q", "bhmd") + _strides("k", "bhnd") + _strides("v", "bhnd") + _strides("do", "bhmd")
         + _strides("dq", "bhmd") + sizes + extra_args + grad_extra_args
-        + cx(tile + ["TRACE", "DOT_PRECISION", "DETERMINISTIC"]),
+        + cx(tile + ["TRACE", "DOT_PRECISION", "DETERMINISTIC", "I64"]),
     }
     knames = {"fwd": "fwd_kernel", "pre": "bwd_preprocess", "dkdv": "bwd_dkdv_kernel", "dq": "bwd_dq_kernel"}
     shape_doc = {"bhsd": ("[B, H, S_q, D_qk]", "[B, H_kv, S_kv, D_qk]", "[B, H_kv, S_kv, D_v]",
@@ -226,6 +227,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         fwd=fwd, bwd=bwd, notes_fwd=notes_fwd, notes_bwd=notes_bwd,
         input_grads=list(pl.input_grads), input_grad_lines=grad_lines,
         grad_owner=repr([g.name for g in pl.input_grads]), learnable=repr(learnable),
+        read=repr(tuple(dict.fromkeys(g.name for g in pl.input_grads))),
         sig={key: _sig(a) for key, a in args.items()},
         kernel_table=[(key, f"{k.name}_{knames[key]}", repr(a)) for key, a in args.items()],
         params=[{"name": p.name, "type": p.type.value,
@@ -245,7 +247,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
 def _input_grad_code(k: Kernel, pl: Plan, helpers: set[str]) -> tuple[list[str], list[str]]:
     """The body of `_input_grads` and the extra kernel arguments it needs."""
     args: list[str] = []
-    for name in (i.name for i in k.inputs if i.learnable):
+    for name in dict.fromkeys(g.name for g in pl.input_grads):  # learnable inputs the score reads
         rank = len(k.input(name).shape)
         args += [f"grad_{name}:*fp32"] + [f"grad_{name}_stride{d}:i32" for d in range(rank)]
     lines: list[str] = []

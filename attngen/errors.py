@@ -39,7 +39,7 @@ class AttnError(Exception):
         head = f"{self.span}: error: {self.message}" if self.span else f"error: {self.message}"
         lines = [head]
         if self.span and self.source is not None:
-            src = self.source.splitlines()
+            src = self.source.split("\n")  # as the parser counts lines (not str.splitlines)
             if 0 < self.span.line <= len(src):
                 text = src[self.span.line - 1]
                 width = (self.span.end_col - self.span.col

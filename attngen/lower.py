@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import keyword
 import re
 from dataclasses import dataclass
@@ -25,9 +26,11 @@ from .ir import (
 )
 
 _IDENT = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
-# names the generated wrapper uses itself; a param or input may not take them
-RESERVED = {"q", "k", "v", "scale", "return_lse", "config", "out", "lse", "torch", "triton", "tl",
-            "inf"} | set(BUILTINS) | set(SHAPE_SYMBOLS)
+# names the generated wrapper uses itself (arguments, locals, modules, Python builtins); params and
+# inputs become its keyword arguments, so they may not take them
+RESERVED = ({"q", "k", "v", "scale", "return_lse", "deterministic", "config", "unknown", "out", "lse", "inputs",
+             "params", "tensors", "grad", "name", "val", "torch", "triton", "tl", "math", "inf"}
+            | set(BUILTINS) | set(SHAPE_SYMBOLS) | set(dir(builtins)))
 FUNCS = {"exp": Op.EXP, "log": Op.LOG, "sqrt": Op.SQRT, "tanh": Op.TANH, "sigmoid": Op.SIGMOID,
          "abs": Op.ABS, "min": Op.MIN, "max": Op.MAX, "clamp": None}
 _BINOPS = {"+": Op.ADD, "-": Op.SUB, "*": Op.MUL, "/": Op.DIV, "//": Op.FLOORDIV, "%": Op.MOD,
@@ -345,7 +348,7 @@ def lower_spec(mod: ast.Module, spec: ast.Spec) -> Kernel:
         if scale.vars() or any(n.op is Op.LOAD for n in scale.walk()):
             raise AttnError("scale may only use params and constants", e.span)
     # the spec's own text plus any file-level definitions it uses, for the module header
-    lines = mod.source.splitlines()
+    lines = mod.source.split("\n")
     used = [d for d in mod.defs if d.name in low.cache.keys() or any(k[0] == d.name for k in low.cache)]
     text = [lines[d.span.line - 1] for d in used]
     text += lines[spec.span.line - 1: spec.span.end_line]
@@ -378,5 +381,6 @@ def lower(mod: ast.Module) -> list[Kernel]:
         except AttnError as e:
             raise e.with_source(mod.source) from None
     if not mod.specs:
-        raise AttnError("no 'attention NAME { ... }' spec in this file", None).with_source(mod.source)
+        raise AttnError("no 'attention NAME { ... }' spec in this file", Span(mod.file, 1, 1, 1, 2),
+                        "write one: attention NAME { mask q_idx >= kv_idx }").with_source(mod.source)
     return out

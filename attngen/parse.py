@@ -185,11 +185,10 @@ def _describe_expected(expected: set[str]) -> str:
 def _syntax_error(file: str, source: str, e: lark.exceptions.LarkError) -> AttnError:
     if isinstance(e, lark.UnexpectedCharacters):
         span = Span(file, e.line, e.column, e.line, e.column + 1)
-        ch = source.splitlines()[e.line - 1][e.column - 1] if e.line >= 1 else "?"
-        return AttnError(f"unexpected character {ch!r}", span,
+        return AttnError(f"unexpected character {e.char!r}", span,
                          "names are letters, digits and '_'; '#' starts a comment")
     if isinstance(e, lark.UnexpectedEOF) or (isinstance(e, lark.UnexpectedToken) and e.token.type == "$END"):
-        lines = source.splitlines() or [""]
+        lines = source.rstrip("\n").split("\n")  # Lark counts lines by \n alone
         span = Span(file, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
         return AttnError("unexpected end of file", span, "is a '}' or an operand missing?")
     if isinstance(e, lark.UnexpectedToken):

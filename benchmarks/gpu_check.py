@@ -46,6 +46,47 @@ def correctness(tmp: Path, only: str | None = None, config: dict | None = None) 
     return rows
 
 
+SPECIAL = """
+attention big_offsets { layout bshd }
+attention empty_rows { mask q_idx % 3 != 0 and q_idx >= kv_idx }
+attention neg_inf_score { score -inf if kv_idx > q_idx or q_idx == 5 else score }
+attention big_logits { score score * 64.0 }
+"""
+
+
+def numerics(tmp: Path) -> list[dict]:
+    """Hardening at real sizes: fully masked rows, -inf scores, large logits in fp16, and a [B, S, H, D]
+    tensor of more than 2**31 elements (64-bit offsets), the last checked against SDPA."""
+    spec = tmp / "special.attn"
+    spec.write_text(SPECIAL)
+    fns = {k.name: (k, f) for k, f in compiled(spec, tmp)}
+    rows = []
+    for name in ("empty_rows", "neg_inf_score", "big_logits"):
+        kernel, fn = fns[name]
+        for dtype in (torch.float16, torch.bfloat16):
+            r = check(kernel, fn, Shape(1, 8, 8, 4096, 4096, 128, 128), dtype, torch.device("cuda"), grad=True)
+            rows.append(dict(name=name, dtype=r.dtype, ok=r.ok, why=r.why, errors=r.errors))
+            print(f"{'ok  ' if r.ok else 'FAIL'} {name:14s} {r.dtype:8s} {r.line()} {r.why}", flush=True)
+    _, fn = fns["big_offsets"]
+    H, D, sk, sq = 16, 128, 2**20 + 64, 256  # K and V: 2**31 + 2**17 elements each
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, sq, H, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    k = torch.randn(1, sk, H, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    v = torch.randn(1, sk, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    out = fn(q, k, v)
+    do = torch.randn_like(out)
+    out.backward(do)
+    ref = torch.nn.functional.scaled_dot_product_attention(  # bf16: an fp32 copy would need ~50 GB
+        q.detach().transpose(1, 2), k.detach().transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    err = (out.float() - ref).abs().max().item()
+    row = dict(name="big_offsets", elements=k.numel(), out_err=err, dk_finite=bool(torch.isfinite(k.grad).all()),
+               dk_last_rows_nonzero=bool(k.grad[0, -64:].abs().sum() > 0))
+    row["ok"] = err < 2e-2 and row["dk_finite"] and row["dk_last_rows_nonzero"]
+    print(row, flush=True)
+    rows.append(row)
+    return rows
+
+
 def determinism(tmp: Path) -> dict:
     """Learnable-input gradients twice: default (atomics) and deterministic mode."""
     spec = ROOT / "examples" / "relative_bias.attn"
@@ -143,6 +184,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--numerics", action="store_true", help="hardening checks at real sizes")
+    ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--only", help="one spec name")
     ap.add_argument("--config", type=json.loads, help='launch overrides, e.g. {"num_stages": 1}')
     a = ap.parse_args()
@@ -152,12 +195,13 @@ def main() -> None:
                 cuda=torch.version.cuda, date=time.strftime("%Y-%m-%d"))
     print(info)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = correctness(Path(tmp), a.only, a.config)
+        rows = [] if a.skip_correctness else correctness(Path(tmp), a.only, a.config)
         det = determinism(Path(tmp))
+        num = numerics(Path(tmp)) if a.numerics else []
         bench_rows = [] if a.skip_bench else bench(Path(tmp))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = dict(info=info, correctness=rows, determinism=det, bench=bench_rows)
+    result = dict(info=info, correctness=rows, determinism=det, numerics=num, bench=bench_rows)
     (out / "gpu_check.json").write_text(json.dumps(result, indent=1))
     fails = [r for r in rows if not r["ok"]]
     print(f"\n{len(rows) - len(fails)} passed, {len(fails)} failed")

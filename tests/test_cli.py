@@ -56,6 +56,20 @@ def test_load_uses_a_versioned_cache(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / attngen.__version__).glob("*.py"))) == 2
 
 
+def test_cache_of_another_version_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path / "cache"))
+    spec = tmp_path / "c.attn"
+    spec.write_text("attention cv { mask q_idx >= kv_idx }\n")
+    attngen.load(str(spec))
+    (mine,) = (tmp_path / "cache" / attngen.__version__).glob("*.py")
+    other = tmp_path / "cache" / "0.0.0-old" / mine.name
+    other.parent.mkdir()
+    other.write_text("raise RuntimeError('stale cache used')\n")
+    mine.unlink()
+    assert attngen.load(str(spec)).__name__ == "cv"  # recompiled into its own version's folder
+    assert (tmp_path / "cache" / attngen.__version__ / mine.name).exists()
+
+
 def test_load_falls_back_when_cache_is_read_only(tmp_path, monkeypatch, capfd):
     if os.geteuid() == 0:
         target = tmp_path / "file"  # root ignores permissions: make the cache path a file instead
@@ -102,3 +116,20 @@ def test_training_example_loss_goes_down():
                        text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "step 19" in r.stdout
+
+
+def test_concurrent_loads_never_see_a_partial_file(tmp_path):
+    """Several processes compile and load the same spec at once into one cache."""
+    spec = tmp_path / "c.attn"
+    spec.write_text("attention cc { param w: int = 3\n mask q_idx - kv_idx < w and kv_idx <= q_idx }\n")
+    code = (f"import attngen, torch; f = attngen.load({str(spec)!r}); q = torch.randn(1, 1, 8, 16); "
+            "print(f(q, q, q).shape == q.shape)")
+    env = {**os.environ, "ATTNGEN_CACHE_DIR": str(tmp_path / "cache"), "TRITON_INTERPRET": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and out.strip() == "True", err[-2000:]
+    files = list((tmp_path / "cache").rglob("*"))
+    assert [f.name for f in files if f.suffix == ".tmp"] == []  # no leftovers
+    assert len([f for f in files if f.suffix == ".py"]) == 1

@@ -43,7 +43,11 @@ def test_hostile_names_are_rejected_or_inert(tmp_path):
 
     for src in ['attention x { param a__b: int = 1 }', 'attention x { param tl: int = 1 }',
                 'attention x { mask "\\n import os" }', 'attention x { param out: int = 1 }',
-                'attention x { input q: float32[h] }', 'attention x { param None: int = 1 }']:
+                'attention x { input q: float32[h] }', 'attention x { param None: int = 1 }',
+                'attention x { param float: int = 1 }', 'attention x { param inputs: int = 1 }',
+                'attention x { input math: float32[h] }', 'attention x { param isinstance: int = 1 }',
+                'attention x { param deterministic: bool = true }',
+                'attention ' + 'a' * 65 + ' { }']:
         with pytest.raises(AttnError):
             lower(parse(src))
     # names that match kernel locals are inert: user names are prefixed in the kernel
@@ -59,7 +63,8 @@ SM90_JOBS = (dict(kernel="fwd", dtype="fp16", d_qk=128, d_v=128, num_warps=8),
              dict(kernel="fwd", dtype="bf16", d_qk=64, d_v=64, num_warps=4, num_stages=3),
              dict(kernel="pre", dtype="bf16", d_qk=128, d_v=128, block_m=64, num_warps=4),
              dict(kernel="dkdv", dtype="bf16", d_qk=128, d_v=128, block_m=64, block_n=64, num_warps=8),
-             dict(kernel="dq", dtype="bf16", d_qk=128, d_v=128, block_m=64, block_n=64, num_warps=8))
+             dict(kernel="dq", dtype="bf16", d_qk=128, d_v=128, block_m=64, block_n=64, num_warps=8),
+             dict(kernel="fwd", dtype="bf16", d_qk=128, d_v=128, num_warps=8, i64=True))
 
 
 @pytest.fixture(scope="module")

@@ -125,7 +125,7 @@ def test_call_validation(examples):
         fn(q, q[..., :8], q, doc)
     with pytest.raises(ValueError, match="query heads"):
         examples["gqa"][1](q, q, q)
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="keyword 'windw': expected one of"):
         fn(q, q, q, doc, windw=3)
     with pytest.raises(ValueError, match="window: expected int"):
         examples["sliding_window"][1](q, q, q, window=2.5)
@@ -158,3 +158,29 @@ def test_fully_masked_rows_have_zero_gradients(build_dir):
     for t in (q, k, v):
         assert torch.isfinite(t.grad).all()
     assert torch.equal(q.grad[:, :, ::3], torch.zeros_like(q.grad[:, :, ::3]))
+
+
+def test_missing_required_param(build_dir):
+    kernel, fn = compile_spec("attention r { param w: int\n mask q_idx - kv_idx < w }", build_dir, tag="req")["r"]
+    q = torch.randn(1, 1, 4, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="w: expected a int"):
+        fn(q, q, q)
+    assert fn(q, q, q, w=2).shape == q.shape
+
+
+@pytest.mark.parametrize("name", ["causal", "mqa", "relative_bias", "document"])
+def test_64bit_offsets_path(examples, name):
+    """The I64 variant (chosen when a tensor's largest offset reaches 2**31) computes the same."""
+    kernel, fn = examples[name]
+    r = check(kernel, fn, Shape(1, 8, 2, 40, 50, 16, 16), torch.float32, DEVICE, seed=12, config={"I64": True})
+    assert r.ok, r.why
+
+
+def test_64bit_offsets_are_chosen_by_size(examples):
+    import sys
+
+    mod = sys.modules[examples["causal"][1].__module__]
+    assert not mod._i64(torch.empty(2, 2, 8, 16))
+    # [B, S, H, D] with S * H * D = 2**31 + ...: meta tensors, so no memory is needed
+    big = torch.empty_strided((1, 2**20 + 1, 16, 128), (2**31, 2048, 128, 1), device="meta")
+    assert mod._i64(big.transpose(1, 2)) and not mod._i64(big[:, :1000].transpose(1, 2))

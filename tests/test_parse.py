@@ -52,7 +52,9 @@ BAD = [
     ("attention x { param class: int = 1 }", "name 'class' is not allowed", 1, 15),
     ("attention x { param scale: float = 1.0 }", "clashes with a builtin or generated name", 1, 15),
     ("attention x { }\nattention x { }", "'x' is defined twice", 2, 1),
-    ("# nothing here\n", "no 'attention NAME { ... }' spec", None, None),
+    ("# nothing here\n", "no 'attention NAME { ... }' spec", 1, 1),
+    ("attention x { input t: float32[h, 2.5] }", "a shape dimension must be an int", 1, 35),
+    ("attention x { input t: float32[h, q_idx] }", "unknown name 'q_idx' in an input shape", 1, 35),
     ("attention x { input t: int32[h]\n mask t > 0 }", "input 't' is a tensor; index it", 2, 7),
     ("attention x { mask q_idx = = kv_idx }", "unexpected '='", 1, 28),
     ("attention x { input t: int32[h] learnable }", "learnable input 't' must be a float tensor", 1, 15),
@@ -107,3 +109,18 @@ def test_underivable_score_is_a_positioned_error(monkeypatch):
     with pytest.raises(AttnError) as ei:
         compile_source("attention x {\n  score tanh(score)\n}", "d.attn")
     assert "cannot differentiate the score" in ei.value.message and ei.value.span.line == 2
+
+
+@pytest.mark.parametrize("src,msg,line,col", BAD, ids=[b[1][:40] for b in BAD])
+def test_cli_exit_code_on_every_bad_spec(tmp_path, capsys, src, msg, line, col):
+    """`attngen check` and `attngen compile` exit 2 with the positioned message, no traceback."""
+    from attngen.cli import main
+
+    bad = tmp_path / "bad.attn"
+    bad.write_text(src)
+    for argv in (["check", str(bad)], ["compile", str(bad), "-o", str(tmp_path / "out")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err
+        if line is not None:
+            assert f"{bad}:{line}:{col}: error:" in err
