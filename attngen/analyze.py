@@ -271,7 +271,8 @@ def _assoc(args, syms: Symbols, add: bool) -> Node:
     if not add:
         args = sorted(args, key=lambda a: (_is_tensor(a), sp.default_sort_key(a)))
         if args and args[0] == -1 and len(args) > 1:
-            return Node(Op.NEG, *_typed(_assoc(args[1:], syms, add=False)))
+            rest = _assoc(args[1:], syms, add=False)
+            return Node(Op.NEG, rest.type, (rest,))
         out = from_sympy(args[0], syms)
         for a in args[1:]:
             out = _bin(Op.MUL, out, from_sympy(a, syms))
@@ -290,10 +291,6 @@ def _assoc(args, syms: Symbols, add: bool) -> Node:
         y = from_sympy(-a if neg else a, syms)
         out = y if out is None else _bin(Op.SUB if neg else Op.ADD, out, y)
     return out
-
-
-def _typed(n: Node) -> tuple:
-    return (n.type, (n,))
 
 
 _FLIP = {sp.StrictLessThan: sp.StrictGreaterThan, sp.LessThan: sp.GreaterThan}

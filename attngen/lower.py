@@ -349,7 +349,8 @@ def lower_spec(mod: ast.Module, spec: ast.Spec) -> Kernel:
             raise AttnError("scale may only use params and constants", e.span)
     # the spec's own text plus any file-level definitions it uses, for the module header
     lines = mod.source.split("\n")
-    used = [d for d in mod.defs if d.name in low.cache.keys() or any(k[0] == d.name for k in low.cache)]
+    expanded = {name for name, _ in low.cache}
+    used = [d for d in mod.defs if d.name in expanded]
     text = [lines[d.span.line - 1] for d in used]
     text += lines[spec.span.line - 1: spec.span.end_line]
     k = Kernel(name=spec.name, source="\n".join(text), file=mod.file,
