@@ -39,7 +39,8 @@ def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128,
 
     values = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=triton.next_power_of_2(d_qk),
                   BLOCK_DV=triton.next_power_of_2(d_v), D_QK=d_qk, D_V=d_v, TRACE=False, HAS_DLSE=True,
-                  DETERMINISTIC=False, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", I64=i64)
+                  DETERMINISTIC=False, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", I64=i64,
+                  FAST_MATH=dtype != "fp32")
     with _compiled_mode():
         mod = import_path(Path(path), f"attngen_aot_{Path(path).stem}_{os.getpid()}")
         fn, args = mod.KERNELS[kernel]
@@ -55,7 +56,7 @@ def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128,
         k = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = k.asm["ptx"]
-    return {"ptx": ptx, "shared": k.metadata.shared, "wgmma": "wgmma" in ptx,
+    return {"ptx": ptx, "shared": k.metadata.shared, "wgmma": "wgmma" in ptx, "fast_tanh": "tanh.approx.f32" in ptx,
             "fits": k.metadata.shared <= H100_SHARED_BYTES}
 
 

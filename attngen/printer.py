@@ -123,8 +123,9 @@ class TritonPrinter:
             return f"{_TL_FN[op]}({a}, {b})"
         if op is Op.ABS:
             return f"tl.abs({self(n.srcs[0])})"
-        if op is Op.TANH:
+        if op is Op.TANH:  # FAST_MATH: a constexpr of every function that evaluates scores
             self.helpers.add("tanh")
+            return f"_tanh({self._float(n.srcs[0])}, FAST_MATH)"
         return f"{_TL_FN[op]}({self._float(n.srcs[0])})"
 
     def _load(self, n: Node) -> str:

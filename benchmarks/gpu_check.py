@@ -33,7 +33,7 @@ def correctness(tmp: Path, only: str | None = None, config: dict | None = None) 
     rows = []
     for spec in sorted((ROOT / "examples").glob("*.attn")):
         for kernel, fn in compiled(spec, tmp):
-            if only and kernel.name != only:
+            if only and kernel.name not in only.split(","):
                 continue
             for dtype, shape, grad in COMBOS:
                 t0 = time.time()

@@ -97,3 +97,5 @@ def test_builds_for_sm90(sm90_builds, name):
         is_pre = i < len(SM90_JOBS) and SM90_JOBS[i]["kernel"] == "pre"  # no matrix product in it
         assert r["wgmma"] or is_pre, f"{name} job {i}: no wgmma in the PTX"
         assert r["fits"], f"{name} job {i}: {r['shared']} bytes of shared memory"
+        if name in ("softcap", "gemma_local", "gemma_global") and i < len(SM90_JOBS) and not is_pre:
+            assert r["fast_tanh"], f"{name} job {i}: 16-bit kernels should use tanh.approx.f32"
