@@ -9,14 +9,14 @@ from .errors import AttnError, Span  # noqa: E402
 __all__ = ["AttnError", "Span", "__version__", "compile_file", "interpret", "load", "load_kernels"]
 
 
-def load_kernels(path: str):
-    """Parse and lower a spec file: {name: ir.Kernel}."""
+def load_kernels(path: str, layout: str | None = None):
+    """Parse and lower a spec file: {name: ir.Kernel}; `layout` overrides the specs' own."""
     from pathlib import Path
 
-    from .lower import lower
+    from .lower import lower, relayout
     from .parse import parse
 
-    return {k.name: k for k in lower(parse(Path(path).read_text(), str(path)))}
+    return {k.name: relayout(k, layout) for k in lower(parse(Path(path).read_text(), str(path)))}
 
 
 def interpret(kernel, q, k, v, **kwargs):

@@ -29,8 +29,10 @@ def _compiled_mode():
 
 
 def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128, d_v: int = 128, arch: int = 90,
-          block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 2, i64: bool = False) -> dict:
-    """Compile one kernel ("fwd", "pre", "dkdv", "dq") of the generated module at `path`."""
+          block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 2, i64: bool = False,
+          constexprs: dict | None = None) -> dict:
+    """Compile one kernel ("fwd", "pre", "dkdv", "dq"; "serve", "combine" for serving layouts) of the
+    generated module at `path`; `constexprs` sets the serving kernels' own (HP, PAGED, SPLIT, ...)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -41,6 +43,10 @@ def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128,
                   BLOCK_DV=triton.next_power_of_2(d_v), D_QK=d_qk, D_V=d_v, TRACE=False, HAS_DLSE=True,
                   DETERMINISTIC=False, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", I64=i64,
                   FAST_MATH=dtype != "fp32")
+    d1 = max(16, 1 << (d_qk.bit_length() - 1))
+    values.update(HP=1, BLOCK_D1=d1, BLOCK_D2=max(16, triton.next_power_of_2(max(d_qk - d1, 1))), HAS_D2=d_qk > d1,
+                  PAGED=True, PAGE=16, SPLIT=False, BLOCK_S=8)
+    values.update(constexprs or {})
     with _compiled_mode():
         mod = import_path(Path(path), f"attngen_aot_{Path(path).stem}_{os.getpid()}")
         fn, args = mod.KERNELS[kernel]

@@ -17,7 +17,7 @@ def _cmd_compile(a) -> int:
         from .codegen import _describe
         from .ir import dump
 
-        for k in load_kernels(a.spec).values():
+        for k in load_kernels(a.spec, a.layout).values():
             print(dump(k))
             s = simplify(k)
             print(f"  after sympy: mask  = {s.mask!r}")
@@ -29,7 +29,7 @@ def _cmd_compile(a) -> int:
             for note in p.notes:
                 print(f"  note: {note}")
         return 0
-    for path in compile_file(a.spec, a.output, sparse=not a.dense):
+    for path in compile_file(a.spec, a.output, sparse=not a.dense, layout=a.layout):
         print(path)
     return 0
 
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("-o", "--output", default=".", help="output folder (default: .)")
     c.add_argument("--emit", choices=["py", "ir"], default="py", help="ir: print the IR and the plan")
     c.add_argument("--dense", action="store_true", help="switch off the block-sparsity analysis")
+    c.add_argument("--layout", help="compile for this layout instead of the spec's (bhsd, bshd, paged, ragged)")
     c.set_defaults(fn=_cmd_compile)
     k = sub.add_parser("check", help="parse and type-check specs")
     k.add_argument("specs", nargs="+")

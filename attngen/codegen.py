@@ -9,7 +9,7 @@ import jinja2
 
 from . import __version__
 from .analyze import Plan, Segment, plan
-from .ir import Kernel, Node, Op
+from .ir import LAYOUTS, SERVING, Kernel, Node, Op
 from .printer import PythonPrinter, TritonPrinter, input_args, literal, param_name
 from .resources import resource_dir
 
@@ -208,10 +208,20 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         + cx(tile + ["TRACE", "DOT_PRECISION", "DETERMINISTIC", "I64", "FAST_MATH"]),
     }
     knames = {"fwd": "fwd_kernel", "pre": "bwd_preprocess", "dkdv": "bwd_dkdv_kernel", "dq": "bwd_dq_kernel"}
+    if k.layout.kind in SERVING:
+        args = {"serve": ["Q:*q", "K:*q", "V:*q", "Out:*q", "Lse:*fp32", "Opart:*fp32", "Mpart:*fp32", "Lpart:*fp32",
+                          "CuQ:*i32", "KvInfo:*i32", "BlockTable:*i32"] + _strides("q", "thd")
+                + _strides("k", "pshd") + _strides("v", "pshd") + _strides("o", "thd") + ["stride_bt:i32"]
+                + ["H:i32", "H_KV:i32", "GROUP:i32", "n_rows:i32", "sm_scale:fp32"] + extra_args
+                + cx(["BLOCK_M", "BLOCK_N", "HP", "BLOCK_D1", "BLOCK_D2", "HAS_D2", "BLOCK_DV", "D_QK", "D_V", "PAGED",
+                      "PAGE", "SPLIT", "FAST_MATH", "DOT_PRECISION"]),
+                "combine": ["Opart:*fp32", "Mpart:*fp32", "Lpart:*fp32", "Out:*q", "Lse:*fp32"] + _strides("o", "thd")
+                + ["n_rows:i32", "H:i32", "n_splits:i32"] + cx(["BLOCK_S", "BLOCK_DV", "D_V"])}
+        knames = {"serve": "serve_kernel", "combine": "serve_combine"}
     shape_doc = {"bhsd": ("[B, H, S_q, D_qk]", "[B, H_kv, S_kv, D_qk]", "[B, H_kv, S_kv, D_v]",
                           "[B, H, S_q, D_v]"),
                  "bshd": ("[B, S_q, H, D_qk]", "[B, S_kv, H_kv, D_qk]", "[B, S_kv, H_kv, D_v]",
-                          "[B, S_q, H, D_v]")}[k.layout.kind]
+                          "[B, S_q, H, D_v]")}.get(k.layout.kind, ("",) * 4)
     notes_fwd = [f"segment {i}: {_describe(s)}" for i, s in enumerate(pl.segments)] or ["none: never visible"]
     notes_fwd += list(pl.notes)
     notes_bwd = [f"segment {i}: {_describe(s, BWD)}" for i, s in enumerate(pl.segments_t)] or ["none"]
@@ -241,6 +251,10 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         scale_expr=py(k.scale) if k.scale is not None else "1.0 / math.sqrt(Dqk)",
         scale_doc=f"spec: {py(k.scale)}" if k.scale is not None else "default 1/sqrt(D_qk)",
     )
+    if k.layout.kind in SERVING:
+        reads_h = pl.mask is not None and "h" in pl.mask.vars()
+        ctx.update(pack_heads=not reads_h, layout_doc=LAYOUTS[k.layout.kind])
+        return _env().get_template("serving.py.jinja").render(**ctx)
     return _env().get_template("module.py.jinja").render(**ctx)
 
 
@@ -308,10 +322,10 @@ def _inputs_table(k: Kernel) -> str:
     return "{\n" + "\n".join(rows) + "\n}"
 
 
-def compile_source(source: str, file: str = "<spec>", sparse: bool = True) -> dict[str, str]:
-    """Spec text -> {kernel name: module source}."""
-    from .lower import lower
+def compile_source(source: str, file: str = "<spec>", sparse: bool = True, layout: str | None = None) -> dict[str, str]:
+    """Spec text -> {kernel name: module source}; `layout` overrides the specs' own."""
+    from .lower import lower, relayout
     from .parse import parse
 
-    return {k.name: render(k, sparse) for k in lower(parse(source, file))}
+    return {k.name: render(relayout(k, layout), sparse) for k in lower(parse(source, file))}
 

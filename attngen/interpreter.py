@@ -12,7 +12,7 @@ import math
 import torch
 
 from .errors import AttnError
-from .ir import Kernel, Node, Op, T
+from .ir import SERVING, Kernel, Node, Op, T
 
 _TORCH_DTYPES = {"bool": torch.bool, "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16,
                  "int32": torch.int32, "int64": torch.int64, "float16": torch.float16,
@@ -167,31 +167,50 @@ def resolve_params(k: Kernel, given: dict) -> dict:
 def interpret(k: Kernel, q: torch.Tensor, kk: torch.Tensor, v: torch.Tensor, *,
               scale: float | None = None, return_lse: bool = False, **kwargs):
     """Run spec `k` densely. q: [B, Hq, Sq, Dqk], k: [B, Hkv, Sk, Dqk], v: [B, Hkv, Sk, Dv]
-    in the spec's layout; inputs and params by keyword. Computes in q's dtype."""
+    in the spec's layout; inputs and params by keyword. Computes in q's dtype.
+    Serving layouts take their extra tensors by keyword too (see `_unpack_serving`)."""
+    if k.layout.kind in SERVING:
+        return _interpret_serving(k, q, kk, v, scale, return_lse, kwargs)
     if k.layout.kind == "bshd":
         q, kk, v = (x.transpose(1, 2) for x in (q, kk, v))
+    inputs, params = _split_kwargs(k, kwargs)
+    B, Hq, Sq, _ = q.shape
+    env = Env(_positions(B, Hq, Sq, kk.shape[2], q.device), params, inputs, q.dtype, q.device)
+    out, lse = _attend(k, q, kk, v, env, scale, None)
+    if k.layout.kind == "bshd":
+        out = out.transpose(1, 2)
+    return (out, lse) if return_lse else out
+
+
+def _split_kwargs(k: Kernel, kwargs: dict) -> tuple[dict, dict]:
     inputs = {i.name: kwargs.pop(i.name) for i in k.inputs if i.name in kwargs}
     missing = [i.name for i in k.inputs if i.name not in inputs]
     if missing:
         raise TypeError(f"{k.name}: missing input tensor(s) {missing}")
-    params = resolve_params(k, kwargs)
+    return inputs, resolve_params(k, kwargs)
+
+
+def _attend(k: Kernel, q, kk, v, env: Env, scale, valid):
+    """Dense attention in [B, H, S, D]; `valid` (broadcastable bool) masks padding as well."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = kk.shape[1], kk.shape[2]
-    dt, dev = q.dtype, q.device
+    dev = q.device
     if Hq % Hkv:
         raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} kv heads")
     kk = kk.repeat_interleave(Hq // Hkv, dim=1)
     v = v.repeat_interleave(Hq // Hkv, dim=1)
-    env = Env(_positions(B, Hq, Sq, Sk, dev), params, inputs, dt, dev)
     if scale is None:
         scale = evaluate(k.scale, env) if k.scale is not None else 1.0 / math.sqrt(D)
     s = (q @ kk.transpose(-1, -2)) * float(scale)
     if k.score is not None:
         env.vars["score"] = s
         s = _as_float(evaluate(k.score, env), env).expand(B, Hq, Sq, Sk)
-    if k.mask is not None:
-        m = torch.as_tensor(evaluate(k.mask, env), device=dev).expand(B, Hq, Sq, Sk)
-        s = s.masked_fill(~m, float("-inf"))
+    m = torch.ones((), dtype=torch.bool, device=dev) if k.mask is None else torch.as_tensor(evaluate(k.mask, env),
+                                                                                              device=dev)
+    if valid is not None:
+        m = m & valid
+    if k.mask is not None or valid is not None:
+        s = s.masked_fill(~m.expand(B, Hq, Sq, Sk), float("-inf"))
     # a softmax that gives 0 (not NaN) on fully masked rows, with finite gradients
     mx = s.detach().amax(-1, keepdim=True)
     mx = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
@@ -200,9 +219,62 @@ def interpret(k: Kernel, q: torch.Tensor, kk: torch.Tensor, v: torch.Tensor, *,
     empty = den == 0
     den_safe = torch.where(empty, torch.ones_like(den), den)
     out = (e / den_safe) @ v
-    if k.layout.kind == "bshd":
-        out = out.transpose(1, 2)
-    if not return_lse:
-        return out
     lse = torch.where(empty, torch.full_like(den, float("-inf")), torch.log(den_safe) + mx).squeeze(-1)
     return out, lse
+
+
+def _unpack_serving(k: Kernel, q, kk, v, kwargs: dict):
+    """Paged or ragged tensors -> padded [B, H, S, D] ones, per-sequence lengths, and how to pack back.
+    paged: q [B, Sq, H, D] or [total_q, H, D] (cu_seqlens_q=), k/v pages [P, page, H_kv, D],
+    block_table= [B, max_pages], kv_lens= [B]. ragged: q [total_q, H, D], k/v [total_k, H_kv, D],
+    cu_seqlens_q= and cu_seqlens_k= [B + 1]."""
+    cu_q = kwargs.pop("cu_seqlens_q", None)
+    if k.layout.kind == "paged":
+        bt, kv_lens = kwargs.pop("block_table"), kwargs.pop("kv_lens").long()
+        B, page = bt.shape[0], kk.shape[1]
+        if q.dim() == 4:
+            cu_q = torch.arange(B + 1, device=q.device) * q.shape[1]
+            q = q.reshape(-1, *q.shape[2:])
+        seqs_k = []
+        for b in range(B):
+            n = int(kv_lens[b])
+            pages = bt[b, : -(-n // page)].long()
+            seqs_k.append((kk[pages].reshape(-1, *kk.shape[2:])[:n], v[pages].reshape(-1, *v.shape[2:])[:n]))
+    else:
+        cu_k = kwargs.pop("cu_seqlens_k").long()
+        B = cu_k.shape[0] - 1
+        kv_lens = cu_k[1:] - cu_k[:-1]
+        seqs_k = [(kk[cu_k[b]:cu_k[b + 1]], v[cu_k[b]:cu_k[b + 1]]) for b in range(B)]
+    cu_q = cu_q.long()
+    q_lens = cu_q[1:] - cu_q[:-1]
+    mq, mk = int(q_lens.max()) if B else 0, int(kv_lens.max()) if B else 0
+
+    def pad(rows, n):  # [len, H, D] -> [H, n, D]
+        return torch.nn.functional.pad(rows, (0, 0, 0, 0, 0, n - rows.shape[0])).transpose(0, 1)
+
+    Q = torch.stack([pad(q[cu_q[b]:cu_q[b + 1]], mq) for b in range(B)]) if B else \
+        q.new_zeros(0, q.shape[1], 0, q.shape[2])
+    K = torch.stack([pad(sk, mk) for sk, _ in seqs_k]) if B else kk.new_zeros(0, kk.shape[-2], 0, kk.shape[-1])
+    V = torch.stack([pad(sv, mk) for _, sv in seqs_k]) if B else v.new_zeros(0, v.shape[-2], 0, v.shape[-1])
+
+    def pack(dense):  # [B, H, mq, ...] -> [total_q, H, ...]
+        rows = [dense[b, :, : int(q_lens[b])].transpose(0, 1) for b in range(B)]
+        return torch.cat(rows) if rows else dense.new_zeros(0, *dense.shape[1:2], *dense.shape[3:])
+    return Q, K, V, q_lens, kv_lens, pack
+
+
+def _interpret_serving(k: Kernel, q, kk, v, scale, return_lse: bool, kwargs: dict):
+    shape_q = q.shape
+    Q, K, V, q_lens, kv_lens, pack = _unpack_serving(k, q, kk, v, kwargs)
+    inputs, params = _split_kwargs(k, kwargs)
+    B, H, mq, _ = Q.shape
+    mk, dev = K.shape[2], q.device
+    ql, kl = q_lens.view(B, 1, 1, 1).to(dev), kv_lens.view(B, 1, 1, 1).to(dev)
+    pos = _positions(B, H, mq, mk, dev)
+    pos.update(q_len=ql, kv_len=kl, q_idx=pos["q_idx"] + (kl - ql))  # bottom-right aligned
+    valid = (pos["kv_idx"] < kl) & (torch.arange(mq, device=dev).view(1, 1, mq, 1) < ql)
+    out, lse = _attend(k, Q, K, V, Env(pos, params, inputs, q.dtype, dev), scale, valid)
+    out, lse = pack(out), pack(lse.unsqueeze(-1)).squeeze(-1)
+    if len(shape_q) == 4:  # paged with [B, Sq, H, D] queries
+        out, lse = out.view(*shape_q[:3], out.shape[-1]), lse.view(*shape_q[:3])
+    return (out, lse) if return_lse else out

@@ -74,7 +74,12 @@ SHAPE_SYMBOLS = {"b": "batch size", "h": "query heads", "h_kv": "key/value heads
 DTYPES = {"bool", "int8", "uint8", "int16", "int32", "int64", "float16", "bfloat16", "float32",
           "float64"}
 LAYOUTS = {"bhsd": "q/k/v are [B, H, S, D] (the default, as for SDPA)",
-           "bshd": "q/k/v are [B, S, H, D] (as for flash-attn)"}
+           "bshd": "q/k/v are [B, S, H, D] (as for flash-attn)",
+           "paged": "new queries over a paged KV cache: k/v pages [P, page_size, H_kv, D], a block table "
+                    "[B, max_pages] and kv_lens [B] (inference)",
+           "ragged": "packed sequences, no padding: q [total_q, H, D], k/v [total_k, H_kv, D], cu_seqlens_q/k "
+                     "[B + 1] (inference)"}
+SERVING = {"paged", "ragged"}  # inference layouts: per-sequence lengths, bottom-right aligned positions
 NORMALIZERS = {"softmax"}
 
 
@@ -129,7 +134,7 @@ class Input:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where K/V live. Only contiguous-strided layouts so far; paged/ragged add kinds here."""
+    """Where q/k/v live: contiguous (bhsd, bshd; training and inference) or serving (paged, ragged)."""
 
     kind: str = "bhsd"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import keyword
 import re
 from dataclasses import dataclass
@@ -385,3 +386,12 @@ def lower(mod: ast.Module) -> list[Kernel]:
         raise AttnError("no 'attention NAME { ... }' spec in this file", Span(mod.file, 1, 1, 1, 2),
                         "write one: attention NAME { mask q_idx >= kv_idx }").with_source(mod.source)
     return out
+
+
+def relayout(k: Kernel, layout: str | None) -> Kernel:
+    """The same spec compiled for another layout (`attngen compile --layout`, `load(layout=)`)."""
+    if layout is None or layout == k.layout.kind:
+        return k
+    if layout not in LAYOUTS:
+        raise AttnError(f"unknown layout {layout!r}", None, "layouts: " + ", ".join(LAYOUTS))
+    return dataclasses.replace(k, layout=Layout(layout))

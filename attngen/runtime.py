@@ -44,32 +44,34 @@ def import_path(path: Path, module_name: str | None = None) -> ModuleType:
     return mod
 
 
-def compile_file(path: str | os.PathLike, out_dir: str | os.PathLike, sparse: bool = True) -> list[Path]:
+def compile_file(path: str | os.PathLike, out_dir: str | os.PathLike, sparse: bool = True,
+                 layout: str | None = None) -> list[Path]:
     from .codegen import compile_source
 
     src = Path(path).read_text()
     out = []
-    for name, code in compile_source(src, str(path), sparse=sparse).items():
+    for name, code in compile_source(src, str(path), sparse=sparse, layout=layout).items():
         target = Path(out_dir) / f"{name}.py"
         _write_atomic(target, code)
         out.append(target)
     return out
 
 
-def load(path: str | os.PathLike, name: str | None = None, sparse: bool = True):
-    """Compile (or reuse) and import; returns the function for `name` (default: the file's first spec)."""
+def load(path: str | os.PathLike, name: str | None = None, sparse: bool = True, layout: str | None = None):
+    """Compile (or reuse) and import; returns the function for `name` (default: the file's first spec).
+    `layout` compiles the spec for another layout (e.g. "paged") than its own."""
     from .codegen import compile_source
 
     src = Path(path).read_text()
-    key = hashlib.sha256(f"{__version__}\0{sparse}\0{src}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{__version__}\0{sparse}\0{layout}\0{src}".encode()).hexdigest()[:16]
     sources: dict[str, str] | None = None
     if name is None:
-        sources = compile_source(src, str(path), sparse=sparse)
+        sources = compile_source(src, str(path), sparse=sparse, layout=layout)
         name = next(iter(sources))
     d = cache_dir()
     target = d / f"{name}_{key}.py"
     if not target.exists():
-        sources = sources or compile_source(src, str(path), sparse=sparse)
+        sources = sources or compile_source(src, str(path), sparse=sparse, layout=layout)
         if name not in sources:
             raise AttnError(f"{path}: no spec named {name!r} (have {', '.join(sources)})")
         try:

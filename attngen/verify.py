@@ -212,15 +212,131 @@ def check(kernel, fn, shape: Shape, dtype, device, seed: int = 0, config: dict |
     return Result(kernel.name, str(shape), name, errors, not why, "; ".join(why))
 
 
-def compiled(spec_path: Path, out_dir: Path, sparse: bool = True):
+@dataclass(frozen=True)
+class ServeShape:
+    """A serving batch: per-sequence query and key counts (query i sits at kv_len - q_len + i)."""
+
+    Hq: int
+    Hkv: int
+    q_lens: tuple[int, ...]
+    kv_lens: tuple[int, ...]
+    Dqk: int
+    Dv: int
+    page: int = 16           # paged layout only
+
+    def __str__(self) -> str:
+        return (f"B{len(self.q_lens)}-H{self.Hq}/{self.Hkv}-q{max(self.q_lens, default=0)}-"
+                f"kv{max(self.kv_lens, default=0)}-D{self.Dqk}/{self.Dv}-p{self.page}")
+
+    def fit(self, kernel) -> ServeShape:
+        hq = kernel.heads_q or self.Hq
+        hkv = kernel.heads_kv or (self.Hkv if hq % self.Hkv == 0 else hq)
+        return ServeShape(hq, hkv, self.q_lens, self.kv_lens, self.Dqk, self.Dv, self.page)
+
+
+def serving_case(kernel, shape: ServeShape, dtype, device, seed: int, values_in_keys: bool = False,
+                 poison_before: tuple[int, ...] | None = None):
+    """Random inputs for a paged or ragged spec: (args, kwargs) for the generated function; the same
+    call works for the interpreter. Unused page slots hold NaN, so a kernel that reads past kv_len
+    (or, with poison_before[b], before that position) shows NaN instead of passing by luck."""
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    s = shape.fit(kernel)
+    B = len(s.q_lens)
+
+    def rnd(*dims):
+        return torch.randn(*dims, generator=g).to(device=device, dtype=dtype)
+
+    cu_q = torch.tensor([0, *s.q_lens], dtype=torch.int64).cumsum(0).to(torch.int32).to(device)
+    q = rnd(int(cu_q[-1]), s.Hq, s.Dqk)
+    keys = [rnd(n, s.Hkv, s.Dqk) for n in s.kv_lens]
+    vals = [k[..., : s.Dv].clone() if values_in_keys else rnd(n, s.Hkv, s.Dv) for k, n in zip(keys, s.kv_lens)]
+    if kernel.layout.kind == "ragged":
+        args = (q, torch.cat(keys), torch.cat(vals), cu_q,
+                torch.tensor([0, *s.kv_lens], dtype=torch.int64).cumsum(0).to(torch.int32).to(device))
+    else:
+        pages = [-(-n // s.page) for n in s.kv_lens]
+        max_pages = max(pages, default=0) + 1
+        P = sum(pages) + 1                                      # the last page: poison
+        order = torch.randperm(P - 1, generator=g).tolist()    # pages scattered through the pool
+        kc = torch.full((P, s.page, s.Hkv, s.Dqk), float("nan"), dtype=dtype, device=device)
+        vc = kc[..., : s.Dv] if values_in_keys else torch.full((P, s.page, s.Hkv, s.Dv), float("nan"),
+                                                               dtype=dtype, device=device)
+        table = torch.full((B, max_pages), P - 1, dtype=torch.int32)
+        nxt = 0
+        for b, n in enumerate(s.kv_lens):
+            for i in range(pages[b]):
+                p = order[nxt]
+                nxt += 1
+                table[b, i] = p
+                rows = slice(i * s.page, min(n, (i + 1) * s.page))
+                kc[p, : rows.stop - rows.start] = keys[b][rows]
+                if not values_in_keys:
+                    vc[p, : rows.stop - rows.start] = vals[b][rows]
+        ref_table = table.clone()
+        if poison_before is not None:  # pages wholly before a position: point them at the poison page
+            for b, first in enumerate(poison_before):
+                table[b, : max(first, 0) // s.page] = P - 1
+        args = (q, kc, vc, table.to(device), torch.tensor(s.kv_lens, dtype=torch.int32, device=device))
+        return args, {"cu_seqlens_q": cu_q}, ref_table.to(device)
+    return args, {}, None
+
+
+def check_serving(kernel, fn, shape: ServeShape, dtype, device, seed: int = 0, config: dict | None = None,
+                  values_in_keys: bool = False, poison_before: tuple[int, ...] | None = None) -> Result:
+    """A paged or ragged kernel against the interpreter, both against an fp64 golden (forward only)."""
+    import torch
+
+    from .interpreter import interpret
+
+    s = shape.fit(kernel)
+    args, kw, ref_table = serving_case(kernel, s, dtype, device, seed, values_in_keys, poison_before)
+    q, kc, vc, *rest = args
+    *_, inputs = make_inputs(kernel, Shape(len(s.q_lens), s.Hq, s.Hkv, max(s.q_lens, default=1),
+                                             max(s.kv_lens, default=1), s.Dqk, s.Dv), dtype, device, seed)
+    params = params_for(kernel, Shape(1, 1, 1, 1, max(s.kv_lens, default=1), 1, 1))
+    out, lse = fn(*args, **inputs, **params, **kw, return_lse=True, config=config)
+    if kernel.layout.kind == "paged":
+        named = dict(block_table=ref_table, kv_lens=rest[1], **kw)
+    else:
+        named = dict(cu_seqlens_q=rest[0], cu_seqlens_k=rest[1])
+    clean = lambda t: torch.nan_to_num(t, nan=0.0)  # noqa: E731  (poisoned slots are never visible)
+    up = lambda t: t.double() if t.is_floating_point() else t  # noqa: E731
+    gold = interpret(kernel, up(q), clean(up(kc)), clean(up(vc)), **named, **{n: up(t) for n, t in inputs.items()},
+                     **params, return_lse=True)
+    ref_dev = device if dtype != torch.float16 or device.type == "cuda" else torch.device("cpu")
+    ref = interpret(kernel, q.to(ref_dev), clean(kc).to(ref_dev), clean(vc).to(ref_dev),
+                    **{n: t.to(ref_dev) for n, t in named.items()}, **{n: t.to(ref_dev) for n, t in inputs.items()},
+                    **params, return_lse=True)
+    name = str(dtype).replace("torch.", "")
+    errors, why = {}, []
+    for key, a, b, c in (("out", out, gold[0], ref[0]), ("lse", lse, gold[1], ref[1])):
+        b, c = b.to(device), c.to(device).float() if key == "lse" else c.to(device)
+        if torch.isnan(a).any():
+            why.append(f"NaN in {key}")
+            errors[key] = (float("nan"), 0.0)
+            continue
+        e, r = _maxdiff(a, b), _maxdiff(c, b)
+        errors[key] = (e, r)
+        finite = b[torch.isfinite(b)]
+        scale = max(1.0, float(finite.abs().max()) if finite.numel() else 1.0)
+        if e > K_FACTOR[name] * r + ATOL[name] * scale:
+            why.append(f"{key} error {e:.3g} > {K_FACTOR[name]} x {r:.3g} + {ATOL[name] * scale:.2g}")
+    if not torch.equal(torch.isneginf(lse), torch.isneginf(gold[1]).to(device)):
+        why.append("rows that see nothing differ")
+    return Result(kernel.name, str(s), name, errors, not why, "; ".join(why))
+
+
+def compiled(spec_path: Path, out_dir: Path, sparse: bool = True, layout: str | None = None):
     """Compile a spec file and import its functions: [(ir kernel, function)]."""
     from . import load_kernels
     from .runtime import compile_file, import_path
 
-    kernels = load_kernels(str(spec_path))
+    kernels = load_kernels(str(spec_path), layout)
     out = []
-    for path in compile_file(spec_path, out_dir, sparse=sparse):
-        mod = import_path(path, f"attngen_verify_{path.stem}_{'s' if sparse else 'd'}")
+    for path in compile_file(spec_path, out_dir, sparse=sparse, layout=layout):
+        mod = import_path(path, f"attngen_verify_{path.stem}_{'s' if sparse else 'd'}_{layout or ''}")
         out.append((kernels[path.stem], getattr(mod, path.stem)))
     return out
 

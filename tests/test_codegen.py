@@ -99,3 +99,34 @@ def test_builds_for_sm90(sm90_builds, name):
         assert r["fits"], f"{name} job {i}: {r['shared']} bytes of shared memory"
         if name in ("softcap", "gemma_local", "gemma_global") and i < len(SM90_JOBS) and not is_pre:
             assert r["fast_tanh"], f"{name} job {i}: 16-bit kernels should use tanh.approx.f32"
+
+
+SERVING_SPECS = """
+attention window_paged { layout paged  heads q = 32, kv = 8  mask q_idx >= kv_idx and q_idx - kv_idx < 1024 }
+attention doc_ragged { layout ragged  input doc: int32[b, kv_len]  mask doc[b, q_idx] == doc[b, kv_idx] }
+attention mla_paged { layout paged  heads kv = 1  mask q_idx >= kv_idx }
+"""
+SERVING_JOBS = {  # decode (packed heads, split-KV) and prefill tiles
+    "window_paged": [dict(kernel="serve", block_m=16, num_warps=4, num_stages=3, constexprs=dict(HP=4, SPLIT=True)),
+                     dict(kernel="serve", block_m=128, num_warps=8, constexprs=dict(HP=4, PAGE=1)),
+                     dict(kernel="combine", d_qk=128, d_v=128)],
+    "doc_ragged": [dict(kernel="serve", block_m=128, num_warps=8, constexprs=dict(PAGED=False))],
+    "mla_paged": [dict(kernel="serve", d_qk=576, d_v=512, block_m=64, block_n=32, num_warps=4, num_stages=1,
+                       constexprs=dict(HP=64, SPLIT=True))],
+}
+
+
+@pytest.mark.slow
+def test_serving_kernels_build_for_sm90(tmp_path):
+    """Decode and prefill tiles of the paged/ragged kernels, MLA's 576/512 dims, and the combine
+    kernel build for the H100; tensor cores (wgmma for 64+ rows, mma for decode's 16) and shared memory fit."""
+    from attngen.aot import build_all
+    from attngen.runtime import compile_file
+
+    (tmp_path / "s.attn").write_text(SERVING_SPECS)
+    mods = {m.stem: m for m in compile_file(tmp_path / "s.attn", tmp_path)}
+    jobs = [{"path": str(mods[name]), "dtype": "bf16", **job} for name, js in SERVING_JOBS.items() for job in js]
+    for job, r in zip(jobs, build_all(jobs)):
+        assert r["fits"], f"{job}: {r['shared']} bytes of shared memory"
+        if job["kernel"] == "serve" and job["block_m"] >= 64:
+            assert r["wgmma"], f"{job}: no wgmma"
