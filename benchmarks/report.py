@@ -1,6 +1,9 @@
 """Turn a `gpu_check.json` into the dated Markdown table committed under benchmarks/results/.
 
     python benchmarks/report.py results/2026-11-23-h100-final-check.json > results/2026-11-23-h100-final-check.md
+
+Only for gpu_check.py's output (its "bench" section: the first timings); benchmarks/bench.py writes its
+own .md beside its .json.
 """
 
 import json

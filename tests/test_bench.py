@@ -1,0 +1,90 @@
+"""benchmarks/bench.py in its smoke mode (tiny shapes; the Triton interpreter without a GPU): every row's
+spec compiles, passes its check and lands in the results; a wrong kernel or spec fails the run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("attngen_bench_script", ROOT / "benchmarks" / "bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _result(out: Path) -> dict:
+    (path,) = out.glob("*.json")
+    return json.loads(path.read_text())
+
+
+def test_smoke_every_row(bench, tmp_path):
+    assert bench.main(["--smoke", "--out", str(tmp_path)]) == 0
+    data = _result(tmp_path)
+    assert [r["name"] for r in data["rows"]] == [r.name for r in bench.ROWS]
+    for r in data["rows"]:
+        assert r["ok"], (r["name"], r.get("why"), r.get("error"))
+        assert set(r["errors"]) == {"out", "dq", "dk", "dv"}, r["name"]
+        assert r["attngen_fwd_ms"] > 0 and r["attngen_fb_ms"] > 0 and r["flex_fwd_ms"] > 0, r["name"]
+        assert 0 < r["density"] <= 1
+    dens = {r["name"]: r["density"] for r in data["rows"]}
+    assert dens["full"] == 1.0 and dens["causal"] == (64 * 65 / 2) / 64**2  # exact element counts
+    assert data["info"]["smoke"] and data["ok"]
+    md = next(tmp_path.glob("*.md")).read_text()
+    assert all(r.title in md for r in bench.ROWS)
+
+
+def test_wrong_output_fails(bench, tmp_path, monkeypatch):
+    """A kernel whose output is 1% off fails its check (and the run exits 1), though its timings are kept."""
+    load = bench.load_spec
+
+    def perturbed(row, env):
+        kernel, fn, s = load(row, env)
+        return kernel, lambda *a, **kw: fn(*a, **kw) * 1.01, s
+
+    monkeypatch.setattr(bench, "load_spec", perturbed)
+    assert bench.main(["--smoke", "--only", "causal", "--out", str(tmp_path)]) == 1
+    (row,) = _result(tmp_path)["rows"]
+    assert not row["ok"] and "out: error" in row["why"] and "dq: error" in row["why"]
+    assert row["attngen_fwd_ms"] > 0
+
+
+def test_spec_disagreeing_with_mask_fails(bench, tmp_path, monkeypatch):
+    """A spec that is not the row's mask (causal.attn against a sliding window) fails the run."""
+    wrong = bench.AttnRow("wrong", "causal spec, window mask", "examples/causal.attn",
+                          lambda c: lambda b, h, q, kv: (q >= kv) & (q - kv < 16))
+    monkeypatch.setattr(bench, "ROWS", [wrong])
+    assert bench.main(["--smoke", "--skip-bwd", "--out", str(tmp_path)]) == 1
+    (row,) = _result(tmp_path)["rows"]
+    assert not row["ok"] and set(row["errors"]) == {"out"}
+
+
+def test_block_map_is_built_and_passed(bench, tmp_path, monkeypatch):
+    """When the generated function has `block_map`, its setup is timed and the map reaches every call."""
+    load = bench.load_spec
+    token, seen = object(), []
+
+    def with_map(row, env):
+        kernel, fn, s = load(row, env)
+
+        def attn(q, k, v, *inputs, block_map=None, **params):
+            seen.append(block_map)
+            return fn(q, k, v, *inputs, **params)
+
+        attn.block_map = lambda q, k, v, *inputs, **params: token
+        return kernel, attn, s
+
+    monkeypatch.setattr(bench, "load_spec", with_map)
+    assert bench.main(["--smoke", "--skip-bwd", "--only", "document", "--out", str(tmp_path)]) == 0
+    (row,) = _result(tmp_path)["rows"]
+    assert row["tensor_mask"] and row["setup_attngen_ms"] is not None and row["setup_attngen_ms"] >= 0
+    assert seen and all(m is token for m in seen)
