@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .ir import SERVING
+
 # fp32 gets more room: the kernel's logits live in log2 units (1.44x larger, so up to 2x coarser
 # ulps than the interpreter's natural-log logits) and gradient sums like d slope = sum ds*(kv - q)
 # amplify that; in 16-bit dtypes the interpreter's own rounding dominates
@@ -44,12 +46,41 @@ class Shape:
         return Shape(self.B, hq, hkv, self.Sq, self.Sk, self.Dqk, self.Dv)
 
 
+@dataclass(frozen=True)
+class ServeShape:
+    """A serving batch: per-sequence query and key counts (query i sits at kv_len - q_len + i)."""
+
+    Hq: int
+    Hkv: int
+    q_lens: tuple[int, ...]
+    kv_lens: tuple[int, ...]
+    Dqk: int
+    Dv: int
+    page: int = 16           # paged layout only
+
+    def __str__(self) -> str:
+        return (f"B{len(self.q_lens)}-H{self.Hq}/{self.Hkv}-q{max(self.q_lens, default=0)}-"
+                f"kv{max(self.kv_lens, default=0)}-D{self.Dqk}/{self.Dv}-p{self.page}")
+
+    def fit(self, kernel) -> ServeShape:
+        hq = kernel.heads_q or self.Hq
+        hkv = kernel.heads_kv or (self.Hkv if hq % self.Hkv == 0 else hq)
+        return ServeShape(hq, hkv, self.q_lens, self.kv_lens, self.Dqk, self.Dv, self.page)
+
+
 CPU_SHAPES = (
     Shape(2, 4, 2, 77, 77, 32, 32),      # lengths not multiples of the block; GQA; batch > 1
     Shape(1, 2, 2, 64, 64, 64, 64),      # exact multiples
     Shape(1, 2, 1, 40, 97, 48, 24),      # q_len != kv_len, MQA, head dims not powers of two
     Shape(1, 2, 2, 50, 50, 192, 128),    # qk 192 / v 128
 )
+# serving layouts: mixed lengths (a page size that divides nothing, an empty sequence, one cached
+# token, more queries than keys) and a decode batch; MLA's 576/512 dims on the GPU
+CPU_SERVE = (ServeShape(4, 2, (3, 1, 0, 2), (37, 1, 0, 1), 32, 32, 5),
+             ServeShape(8, 2, (1, 1, 1), (45, 1, 23), 32, 32, 16))
+GPU_SERVE = (ServeShape(32, 8, (1,) * 8, (4096, 100, 1, 0, 3000, 4095, 2048, 17), 128, 128, 16),
+             ServeShape(16, 4, (512, 7, 1), (4096, 7, 600), 128, 128, 1),
+             ServeShape(16, 1, (1, 2, 1), (4096, 1000, 3), 576, 512, 64))
 GPU_SHAPES = (
     Shape(2, 16, 16, 4096, 4096, 64, 64),
     Shape(1, 16, 4, 4096, 4096, 128, 128),
@@ -212,28 +243,6 @@ def check(kernel, fn, shape: Shape, dtype, device, seed: int = 0, config: dict |
     return Result(kernel.name, str(shape), name, errors, not why, "; ".join(why))
 
 
-@dataclass(frozen=True)
-class ServeShape:
-    """A serving batch: per-sequence query and key counts (query i sits at kv_len - q_len + i)."""
-
-    Hq: int
-    Hkv: int
-    q_lens: tuple[int, ...]
-    kv_lens: tuple[int, ...]
-    Dqk: int
-    Dv: int
-    page: int = 16           # paged layout only
-
-    def __str__(self) -> str:
-        return (f"B{len(self.q_lens)}-H{self.Hq}/{self.Hkv}-q{max(self.q_lens, default=0)}-"
-                f"kv{max(self.kv_lens, default=0)}-D{self.Dqk}/{self.Dv}-p{self.page}")
-
-    def fit(self, kernel) -> ServeShape:
-        hq = kernel.heads_q or self.Hq
-        hkv = kernel.heads_kv or (self.Hkv if hq % self.Hkv == 0 else hq)
-        return ServeShape(hq, hkv, self.q_lens, self.kv_lens, self.Dqk, self.Dv, self.page)
-
-
 def serving_case(kernel, shape: ServeShape, dtype, device, seed: int, values_in_keys: bool = False,
                  poison_before: tuple[int, ...] | None = None):
     """Random inputs for a paged or ragged spec: (args, kwargs) for the generated function; the same
@@ -354,7 +363,7 @@ def main(paths: list[str], dtypes: list[str] | None = None, quick: bool = False)
     device = torch.device("cuda" if gpu else "cpu")
     names = dtypes or (["bfloat16", "float16"] if gpu else ["float32", "float16"])
     shapes = (GPU_SHAPES if gpu else CPU_SHAPES)[: 1 if quick else None]
-    specs = sorted(p for a in paths for p in (Path(a).glob("*.attn") if Path(a).is_dir() else [Path(a)]))
+    specs = sorted(p for a in paths for p in (Path(a).rglob("*.attn") if Path(a).is_dir() else [Path(a)]))
     where = f"GPU {torch.cuda.get_device_name()}" if gpu else "CPU (Triton interpreter)"
     print(f"attngen verify: {len(specs)} spec files on {where}")
     failures = 0
@@ -362,10 +371,15 @@ def main(paths: list[str], dtypes: list[str] | None = None, quick: bool = False)
     with tempfile.TemporaryDirectory(prefix="attngen-verify-") as tmp:
         for spec in specs:
             for kernel, fn in compiled(spec, Path(tmp)):
+                serving = kernel.layout.kind in SERVING
                 for dt in names:
-                    for shape in shapes:
+                    for shape in (GPU_SERVE if gpu else CPU_SERVE) if serving else shapes:
                         t0 = time.time()
-                        r = check(kernel, fn, shape, getattr(torch, dt), device, seed=total)
+                        if serving:  # MLA-sized heads only where the spec fixes one KV head
+                            r = check_serving(kernel, fn, shape, getattr(torch, dt), device, seed=total,
+                                              values_in_keys=shape.Dv < shape.Dqk)
+                        else:
+                            r = check(kernel, fn, shape, getattr(torch, dt), device, seed=total)
                         total += 1
                         failures += not r.ok
                         print(f"{'ok  ' if r.ok else 'FAIL'} {r.name:16s} {r.dtype:8s} {r.shape:28s} "

@@ -194,3 +194,13 @@ def test_bad_calls_name_the_problem(specs):
     cache = PagedKVCache(1, 8, 1, 16, page_size=4, dtype=torch.float32, device=DEVICE)
     with pytest.raises(ValueError, match="exceed max_len"):
         cache.append(torch.randn(1, 9, 1, 16, device=DEVICE), torch.randn(1, 9, 1, 16, device=DEVICE))
+
+
+@pytest.mark.parametrize("path", sorted((EXAMPLES[0].parent / "serving").glob("*.attn")), ids=lambda p: p.stem)
+def test_serving_examples(tmp_path, path):
+    from attngen.verify import CPU_SERVE
+
+    for kernel, fn in compiled(path, tmp_path):
+        for i, shape in enumerate(CPU_SERVE):
+            r = check_serving(kernel, fn, shape, torch.float16, DEVICE, seed=i, config={"SPLITS": 1 + i})
+            assert r.ok, f"{kernel.name} {shape}: {r.why}"
