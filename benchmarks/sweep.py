@@ -1,0 +1,126 @@
+"""Launch-configuration sweeps on the GPU (issue 4's autotuning notes; the defaults come from here).
+
+    python benchmarks/sweep.py [--out DIR] [--only fwd,bwd,mla]
+
+bf16, B=2, H=16, S=8192, D=128 for the training kernels (forward alone; forward + backward with the
+forward fixed at its default, so differences are the backward's); MLA decode (B=8, 16 heads over
+one latent head, L=8192, 576/512 dims, page 64) for the serving kernel. do_bench medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from attngen.verify import compiled  # noqa: E402
+
+OUT = Path(".")
+ROWS: list[dict] = []  # every measurement, in order
+
+
+def _log(rows: list[dict]) -> None:
+    """Print the newest row and keep the file current, so a run cut short still leaves its numbers."""
+    print(json.dumps(rows[-1]), flush=True)
+    (OUT / "sweep.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=rows), indent=1))
+
+
+def _time(f) -> float | None:
+    import triton
+
+    try:
+        f()
+        return triton.testing.do_bench(f, warmup=25, rep=100, return_mode="median")
+    except Exception as e:  # noqa: BLE001 - configurations that do not fit are skipped
+        print(f"  skipped: {type(e).__name__}: {str(e)[:100]}", flush=True)
+        return None
+
+
+def training(tmp: Path, which: set[str]) -> list[dict]:
+    B, H, S, D = 2, 16, 8192, 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    do = torch.randn_like(q)
+    rows = ROWS
+    for name in ("full", "causal"):
+        (_, fn), = compiled(ROOT / "examples" / f"{name}.attn", tmp)
+        dens = 1.0 if name == "full" else 0.5
+        fl = 4 * B * H * S * S * D * dens
+        if "fwd" in which:
+            for bm, bn, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4)):
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+                ms = _time(lambda: fn(q, k, v, config={"fwd": cfg}))
+                if ms:
+                    rows.append(dict(kind="fwd", variant=name, config=cfg, ms=ms, tflops=fl / ms / 1e9))
+                    _log(rows)
+        if "bwd" in which and name == "causal":
+            qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+
+            def step(cfg):
+                qg.grad = kg.grad = vg.grad = None
+                fn(qg, kg, vg, config={"bwd": cfg}).backward(do)
+            base = _time(lambda: fn(q, k, v))
+            for (bm, bn), w, st in itertools.product(((32, 64), (64, 64), (64, 128), (128, 64), (128, 128)), (4, 8),
+                                                     (1, 2)):
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
+                ms = _time(lambda: step(cfg))
+                if ms and base:
+                    rows.append(dict(kind="bwd", variant=name, config=cfg, ms=ms - base,
+                                     tflops=2.5 * fl / (ms - base) / 1e9))
+                    _log(rows)
+    return rows
+
+
+def mla(tmp: Path) -> list[dict]:
+    spec = tmp / "mla.attn"
+    spec.write_text("attention mla { layout paged  heads kv = 1  scale 0.0721687836  mask q_idx >= kv_idx }")
+    (_, fn), = compiled(spec, tmp)
+    B, Hm, L, page = 8, 16, 8192, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    kc = torch.randn(B * L // page, page, 1, 576, device="cuda", dtype=torch.bfloat16, generator=g)
+    table = torch.randperm(B * L // page, device="cuda", generator=g).view(B, -1).int()
+    q = torch.randn(B, 1, Hm, 576, device="cuda", dtype=torch.bfloat16, generator=g)
+    lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    rows = ROWS
+    for bn, w, st, sp in itertools.product((16, 32, 64), (4, 8), (1, 2, 3), (None, 66)):
+        cfg = dict(BLOCK_N=bn, num_warps=w, num_stages=st, **({"SPLITS": sp} if sp else {}))
+        ms = _time(lambda: fn(q, kc, kc[..., :512], table, lens, config=cfg))
+        if ms:
+            rows.append(dict(kind="mla", config=cfg, ms=ms, gbps=B * L * 576 * 2 / ms / 1e6))
+            _log(rows)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--only", default="fwd,bwd,mla")
+    a = ap.parse_args()
+    which = set(a.only.split(","))
+    global OUT
+    OUT = Path(a.out)
+    OUT.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        if which & {"fwd", "bwd"}:
+            training(Path(tmp), which)
+        if "mla" in which:
+            mla(Path(tmp))
+    rows = ROWS
+    for kind in ("fwd", "bwd", "mla"):
+        for variant in ("full", "causal", None):
+            sel = [r for r in rows if r["kind"] == kind and r.get("variant") == variant]
+            if sel:
+                best = min(sel, key=lambda r: r["ms"])
+                print(f"best {kind} {variant}: {best}")
+
+
+if __name__ == "__main__":
+    main()
