@@ -12,6 +12,14 @@ import triton
 import triton.language as tl
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 @triton.jit
 def _append_kernel(Knew, Vnew, Kc, Vc, BlockTable, Start, CuNew, Seq,
                    stride_nt, stride_nh, stride_nd, stride_vt, stride_vh, stride_vd,
@@ -51,7 +59,7 @@ def append_kv(k_pages: torch.Tensor, v_pages: torch.Tensor | None, block_table: 
     _append_kernel[(total, k_new.shape[1])](
         k_new, vn, k_pages, vp, block_table, kv_lens, cu_new, seq, *k_new.stride(), *vn.stride(),
         *k_pages.stride(), *vp.stride(), block_table.stride(0), D_K=k_new.shape[2], D_V=vn.shape[2],
-        BLOCK_DK=triton.next_power_of_2(k_new.shape[2]), BLOCK_DV=triton.next_power_of_2(vn.shape[2]),
+        BLOCK_DK=_pow2(k_new.shape[2]), BLOCK_DV=_pow2(vn.shape[2]),
         PAGE=k_pages.shape[1], WRITE_V=v_pages is not None)
 
 
@@ -83,7 +91,7 @@ class PagedKVCache:
         v_head_dim = v_head_dim or head_dim
         if values_in_keys and v_head_dim > head_dim:
             raise ValueError(f"values_in_keys: v_head_dim ({v_head_dim}) must not exceed head_dim ({head_dim})")
-        self.page_size, self.max_pages = page_size, triton.cdiv(max_len, page_size)
+        self.page_size, self.max_pages = page_size, _cdiv(max_len, page_size)
         num_pages = num_pages or batch * self.max_pages
         self.k_pages = torch.empty(num_pages, page_size, kv_heads, head_dim, dtype=dtype, device=device)
         self.values_in_keys = values_in_keys
@@ -107,7 +115,7 @@ class PagedKVCache:
         if (v_new is None) != self.values_in_keys:
             raise ValueError("v_new: give values unless the cache keeps them inside the keys (values_in_keys)")
         for b, n in enumerate(lengths):
-            need = triton.cdiv(self.lens[b] + n, self.page_size)
+            need = _cdiv(self.lens[b] + n, self.page_size)
             if need > self.max_pages:
                 raise ValueError(f"sequence {b}: {self.lens[b] + n} tokens exceed max_len "
                                  f"({self.max_pages * self.page_size})")
