@@ -12,6 +12,7 @@ from .analyze import Plan, Segment, plan
 from .ir import LAYOUTS, SERVING, Kernel, Node, Op
 from .printer import PythonPrinter, TritonPrinter, input_args, literal, param_name
 from .resources import resource_dir
+from .rewrite import rewrite
 
 _KERNEL_VARS = {v: v for v in ("b", "h", "q_idx", "kv_idx", "q_len", "kv_len", "qk", "sm_scale")}
 _TYPE_SIG = {"int": "i32", "float": "fp32", "bool": "i32"}
@@ -167,6 +168,9 @@ def _strides(t: str, dims: str) -> list[str]:
 
 def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     """The generated module's source for one kernel."""
+    user = k  # the spec as written: the public signature
+    rw = rewrite(k, enabled=sparse and k.layout.kind not in SERVING)
+    k = rw.kernel  # what the kernels compute (rewrites add internal params)
     pl = the_plan or plan(k, sparse=sparse)
     helpers: set[str] = set()
     mp = TritonPrinter(k, _KERNEL_VARS, prefix="m")
@@ -224,13 +228,17 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
                           "[B, S_q, H, D_v]")}.get(k.layout.kind, ("",) * 4)
     notes_fwd = [f"segment {i}: {_describe(s)}" for i, s in enumerate(pl.segments)] or ["none: never visible"]
     notes_fwd += list(pl.notes)
+    if rw.dilation > 1:
+        notes_fwd.append(f"rewrite: the mask holds (q_idx - kv_idx) % {rw.dilation} == 0, so the kernels run "
+                         f"{rw.dilation} strided sub-problems q[r::{rw.dilation}] x k[r::{rw.dilation}] in which "
+                         f"q_idx -> {rw.dilation} * q_idx + _r (likewise kv_idx)")
     notes_bwd = [f"segment {i}: {_describe(s, BWD)}" for i, s in enumerate(pl.segments_t)] or ["none"]
     learnable = tuple(i.name for i in k.inputs if i.learnable)
     ctx = dict(
         name=k.name, version=__version__, file=k.file, spec_source=k.source, helpers=sorted(helpers),
         extra=extra, grad_extra=grad_extra, host_extra=", ".join(host_extra),
         mask_src=py(pl.mask) if pl.mask is not None else "(none)",
-        score_src=py(k.score) if k.score is not None else "score",
+        score_src=py(user.score) if user.score is not None else "score",
         mask_lines=mp.lines, mask_expr=mask_expr, logit_lines=lp.lines, logit_expr=logit_expr,
         dscore_lines=dp.lines, dscore_expr=dscore_expr, dscore_src=py(pl.dlogit),
         grads_doc=[f"{g.name}[{', '.join(py(i) for i in g.index)}] = {py(g.partial)}" for g in pl.input_grads],
@@ -241,11 +249,11 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         sig={key: _sig(a) for key, a in args.items()},
         kernel_table=[(key, f"{k.name}_{knames[key]}", repr(a)) for key, a in args.items()],
         params=[{"name": p.name, "type": p.type.value,
-                 "default": None if p.default is None else literal(p.default)} for p in k.params],
+                 "default": None if p.default is None else literal(p.default)} for p in user.params],
         inputs=[i.name for i in k.inputs],
         inputs_doc={i.name: f"{i.dtype}[{', '.join(py(d) for d in i.shape)}]" + (" (learnable)" if i.learnable else "")
                     for i in k.inputs},
-        params_table=_table({p.name: (p.type.value, p.default) for p in k.params}),
+        params_table=_table({p.name: (p.type.value, p.default) for p in user.params}), dilation=rw.dilation,
         inputs_table=_inputs_table(k), heads_q=k.heads_q, heads_kv=k.heads_kv, layout=k.layout.kind,
         shape_q=shape_doc[0], shape_k=shape_doc[1], shape_v=shape_doc[2], shape_out=shape_doc[3],
         scale_expr=py(k.scale) if k.scale is not None else "1.0 / math.sqrt(Dqk)",

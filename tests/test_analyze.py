@@ -4,6 +4,7 @@ against brute-force enumeration of the mask, through the real kernel's visit tra
 from __future__ import annotations
 
 import itertools
+import sys
 
 import pytest
 import torch
@@ -35,10 +36,10 @@ attention union3 { mask kv_idx < 3 or kv_idx >= kv_len - 2 or q_idx == kv_idx }
 # and (single conjunct, no residual atoms) full iff every entry is visible
 TIGHT_VISITS = {"causal", "sliding_window", "chunked", "prefix_lm", "sink_window", "cross_attention",
                 "full", "band", "shifted", "ahead", "blockdiag", "scaled_k", "param_guard", "gqa", "mqa",
-                "qk192_v128", "alibi", "softcap", "gemma_local", "gemma_global", "union3"}
+                "qk192_v128", "alibi", "softcap", "gemma_local", "gemma_global", "union3", "dilated"}
 TIGHT_FULL = {"causal", "sliding_window", "chunked", "cross_attention", "full", "band", "shifted", "ahead",
               "blockdiag", "scaled_k", "param_guard", "gqa", "mqa", "qk192_v128", "alibi", "softcap",
-              "gemma_local", "gemma_global"}
+              "gemma_local", "gemma_global", "dilated"}
 
 GRIDS = [  # (q_len, kv_len, BLOCK_M, BLOCK_N): non-multiples, q_len > kv_len (negative offsets), tiny
     (37, 37, 16, 16), (64, 64, 16, 32), (50, 23, 16, 8), (23, 50, 8, 16), (1, 9, 16, 16), (70, 70, 32, 16),
@@ -81,22 +82,31 @@ def test_block_ranges_against_brute_force(build_dir, examples, name, grid):
     shape = Shape(1, kernel.heads_q or 1, kernel.heads_kv or 1, sq, sk, 16, 16)
     q, k, v, inputs = make_inputs(kernel, shape, torch.float32, DEVICE, seed=sq * 7 + sk)
     params = params_for(kernel, Shape(1, 1, 1, sq, 4 * 13, 16, 16))  # windows ~13 wide
-    nm, nn = -(-sq // bm), -(-sk // bn)
     bh = shape.B * shape.Hq
-    trace = {"fwd": torch.zeros(bh, nm, nn, dtype=torch.int32, device=DEVICE),
-             "dq": torch.zeros(bh, nm, nn, dtype=torch.int32, device=DEVICE),
-             "dkdv": torch.zeros(bh, nn, nm, dtype=torch.int32, device=DEVICE)}
+    d = sys.modules[fn.__module__].DILATION  # > 1: strided sub-problems r, each with its own trace
+
+    def buffers(sq, sk):
+        nm, nn = -(-sq // bm), -(-sk // bn)
+        return {"fwd": torch.zeros(bh, nm, nn, dtype=torch.int32, device=DEVICE),
+                "dq": torch.zeros(bh, nm, nn, dtype=torch.int32, device=DEVICE),
+                "dkdv": torch.zeros(bh, nn, nm, dtype=torch.int32, device=DEVICE)}
+    subs = [buffers(len(range(r, sq, d)), len(range(r, sk, d))) for r in range(d)]
+    trace = subs[0] if d == 1 else {n: [t[n] for t in subs] for n in subs[0]}
     q.requires_grad_()
     cfg = dict(BLOCK_M=bm, BLOCK_N=bn)
     out = fn(q, k, v, **inputs, **params, config=cfg, _trace=trace)
     out.sum().backward()
-    m = dense_mask(kernel, 1, 1, sq, sk, params, {n: t[:1].cpu() for n, t in inputs.items()})[0, 0]
-    anyv, allv = _blocks(m, bm, bn)
-    _check_visits(name, trace["fwd"][0].cpu(), anyv, allv)
-    assert torch.equal(trace["dq"], trace["fwd"]), "dQ visits differ from the forward's"
-    # transposed: for each key block, which query blocks it sees
-    any_t, all_t = _blocks(m.T, bn, bm)
-    _check_visits(name, trace["dkdv"][0].cpu(), any_t, all_t)
+    full = dense_mask(kernel, 1, 1, sq, sk, params, {n: t[:1].cpu() for n, t in inputs.items()})[0, 0]
+    if d > 1:  # the rewrite is exact only if no pair across residues is visible
+        assert not (full & (torch.arange(sq).view(-1, 1) % d != torch.arange(sk).view(1, -1) % d)).any()
+    for r, tr in enumerate(subs):
+        m = full[r::d, r::d]
+        anyv, allv = _blocks(m, bm, bn)
+        _check_visits(name, tr["fwd"][0].cpu(), anyv, allv)
+        assert torch.equal(tr["dq"], tr["fwd"]), "dQ visits differ from the forward's"
+        # transposed: for each key block, which query blocks it sees
+        any_t, all_t = _blocks(m.T, bn, bm)
+        _check_visits(name, tr["dkdv"][0].cpu(), any_t, all_t)
 
 
 @pytest.mark.parametrize("name", sorted(ALL))
@@ -136,3 +146,22 @@ def test_plan_details():
 
     k = lower(parse("attention x { mask q_idx >= kv_idx and q_idx >= 0 and 0 <= q_idx - kv_idx }"))[0]
     assert repr(simplify(k).mask) == "ge(q_idx, kv_idx)"
+
+
+@pytest.mark.parametrize("mask, d", [("(q_idx - kv_idx) % 2 == 0 and q_idx >= kv_idx", 2),
+                                     ("q_idx >= kv_idx and 0 == (kv_idx - q_idx) % 3", 3),
+                                     ("(q_idx - kv_idx) % 2 == 1", 1),          # other residues: no rewrite
+                                     ("(q_idx - kv_idx) % 2 == 0 or kv_idx < 4", 1),  # not in every conjunct
+                                     ("(q_idx - 2 * kv_idx) % 2 == 0", 1),
+                                     ("(q_idx - kv_idx) % 2 == 0 and (q_idx - kv_idx) % 3 == 0", 1)])
+def test_dilation_rewrite_fires_only_when_exact(mask, d):
+    from attngen.lower import lower
+    from attngen.parse import parse
+    from attngen.rewrite import rewrite
+
+    (k,) = lower(parse(f"attention t {{ mask {mask} }}", "t.attn"))
+    rw = rewrite(k)
+    assert rw.dilation == d
+    if d > 1:  # sympy folds the congruence away: no residual atom, so blocks can be full
+        p = plan(rw.kernel)
+        assert p.segments and not any(s.residual for s in p.segments)
