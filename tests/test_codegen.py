@@ -46,7 +46,7 @@ def test_hostile_names_are_rejected_or_inert(tmp_path):
                 'attention x { input q: float32[h] }', 'attention x { param None: int = 1 }',
                 'attention x { param float: int = 1 }', 'attention x { param inputs: int = 1 }',
                 'attention x { input math: float32[h] }', 'attention x { param isinstance: int = 1 }',
-                'attention x { param deterministic: bool = true }',
+                'attention x { param deterministic: bool = true }', 'attention x { input block_map: bool[b] }',
                 'attention ' + 'a' * 65 + ' { }']:
         with pytest.raises(AttnError):
             lower(parse(src))
