@@ -30,9 +30,12 @@ def _compiled_mode():
 
 def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128, d_v: int = 128, arch: int = 90,
           block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 2, i64: bool = False,
+          block_map: bool = True, ratio: tuple[int, int] = (2, 1), cols: int = 128,
           constexprs: dict | None = None) -> dict:
-    """Compile one kernel ("fwd", "pre", "dkdv", "dq"; "serve", "combine" for serving layouts) of the
-    generated module at `path`; `constexprs` sets the serving kernels' own (HP, PAGED, SPLIT, ...)."""
+    """Compile one kernel ("fwd", "pre", "dkdv", "dq"; "blockmap" and "blocklists" where the mask
+    reads tensors; "serve", "combine" for serving layouts) of the generated module at `path`.
+    block_map: the attention kernels' BLOCK_MAP path; ratio, cols: the list kernel's RATIO_R, RATIO_C
+    and COLS (block_m, block_n: the map's tile); `constexprs` sets the serving kernels' own (HP, PAGED, ...)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -42,7 +45,7 @@ def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128,
     values = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=triton.next_power_of_2(d_qk),
                   BLOCK_DV=triton.next_power_of_2(d_v), D_QK=d_qk, D_V=d_v, TRACE=False, HAS_DLSE=True,
                   DETERMINISTIC=False, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", I64=i64,
-                  FAST_MATH=dtype != "fp32")
+                  FAST_MATH=dtype != "fp32", BLOCK_MAP=block_map, RATIO_R=ratio[0], RATIO_C=ratio[1], COLS=cols)
     d1 = max(16, 1 << (d_qk.bit_length() - 1))
     values.update(HP=1, BLOCK_D1=d1, BLOCK_D2=max(16, triton.next_power_of_2(max(d_qk - d1, 1))), HAS_D2=d_qk > d1,
                   PAGED=True, PAGE=16, SPLIT=False, BLOCK_S=8)

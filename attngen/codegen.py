@@ -113,6 +113,40 @@ def _visit(k: Kernel, segs: tuple[Segment, ...], helpers: set[str], side: Side) 
             "full_map": full[1]}
 
 
+def uses_block_map(pl: Plan) -> bool:
+    """Does the spec get a runtime block map? Only when the mask reads a tensor and the analysis
+    leaves some segment residual (every block in its range partial): index arithmetic alone
+    (even `%` or `!=`) keeps the sympy ranges and builds nothing at run time."""
+    return (pl.sparse and pl.mask is not None and bool(pl.segments)
+            and any(s.residual for s in pl.segments + pl.segments_t)
+            and any(n.op is Op.LOAD for n in pl.mask.walk()))
+
+
+def _with_map(visit: dict, row_block: str) -> dict:
+    """The loops' scalar code with a BLOCK_MAP branch: the map's counts and lists for this row
+    block (one scalar load per iteration), else the sympy ranges as without a map."""
+    ind = lambda lines: ["    " + line for line in lines]  # noqa: E731
+    pre = ["if BLOCK_MAP:  # the runtime block map's lists for this row block (see BlockMap)",
+           f"    map_row = (b * map_stride_b + h * map_stride_h + {row_block}).to(tl.int64)",
+           "    n_partial = tl.load(MapNum + map_row * 2)",
+           "    n_full = tl.load(MapNum + map_row * 2 + 1)",
+           "    Map_partial = MapIdx + map_row * 2 * map_cols",
+           "    Map_full = Map_partial + map_cols",
+           "else:"] + ind(visit["pre"] + visit["partial_pre"] + visit["full_pre"])
+    return {"pre": pre, "partial_pre": [], "full_pre": [],
+            "partial_map": ["if BLOCK_MAP:", "    blk = tl.load(Map_partial + j)", "else:"]
+            + ind(visit["partial_map"]),
+            "full_map": ["if BLOCK_MAP:", "    blk = tl.load(Map_full + j)", "else:"] + ind(visit["full_map"])}
+
+
+def _map_kernel_code(n_segments: int) -> dict:
+    """Which fine column blocks the sympy ranges allow (the rest is empty without evaluating the
+    mask) and which they prove full; uses the names that `_visit` defines."""
+    inside = " | ".join(f"((i_n >= s{i}) & (i_n < e{i}))" for i in range(n_segments))
+    full = " | ".join(f"((i_n >= f{i}) & (i_n < g{i}))" for i in range(n_segments))
+    return {"in_range": inside, "known_full": full}
+
+
 def _describe(seg: Segment, side: Side = FWD) -> str:
     lo = ", ".join(py(n) for n, _ in seg.lo) or "0"
     hi = ", ".join(py(n) for n, _ in seg.hi) or f"{side.n_col} - 1"
@@ -182,6 +216,11 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     helpers |= mp.helpers | lp.helpers | dp.helpers
     fwd = _visit(k, pl.segments, helpers, FWD)
     bwd = _visit(k, pl.segments_t, helpers, BWD)
+    block_map = uses_block_map(pl) and k.layout.kind not in SERVING  # serving kernels keep the sympy ranges
+    map_vars = sorted(pl.mask.vars() & {"b", "h"}) if block_map else []
+    fine = fwd  # the map kernel visits fine tiles with the forward's orientation and names
+    if block_map:
+        fwd, bwd = _with_map(fwd, "i_m"), _with_map(bwd, "i_n")
     grad_lines, grad_extra_args = _input_grad_code(k, pl, helpers)
 
     extra_args = [f"{param_name(p.name)}:{_TYPE_SIG[p.type.value]}" for p in k.params]
@@ -194,24 +233,34 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     grad_extra = "".join(f", {a.split(':')[0]}" for a in grad_extra_args)
     tile = ["BLOCK_M", "BLOCK_N", "BLOCK_DQK", "BLOCK_DV", "D_QK", "D_V"]
     cx = lambda names: [f"{n}:{_CONSTEXPR}" for n in names]  # noqa: E731
+    map_args = ["MapNum:*i32", "MapIdx:*i32", "map_stride_b:i32", "map_stride_h:i32", "map_cols:i32"] \
+        if block_map else []
+    map_cx = ["BLOCK_MAP"] if block_map else []
     sizes = ["q_len:i32", "kv_len:i32", "H:i32", "GROUP:i32", "sm_scale:fp32"]
     args = {
         "fwd": ["Q:*q", "K:*q", "V:*q", "Out:*q", "Mrow:*fp32", "Lrow:*fp32", "Trace:none"] + _strides("q", "bhmd")
-        + _strides("k", "bhnd") + _strides("v", "bhnd") + _strides("o", "bhmd") + sizes + extra_args
-        + cx(tile + ["TRACE", "DOT_PRECISION", "I64", "FAST_MATH"]),
+        + _strides("k", "bhnd") + _strides("v", "bhnd") + _strides("o", "bhmd") + sizes + extra_args + map_args
+        + cx(tile + ["TRACE", "DOT_PRECISION", "I64", "FAST_MATH"] + map_cx),
         "pre": ["Out:*q", "dO:*q", "dLse:*fp32", "Delta:*fp32"] + _strides("o", "bhmd") + _strides("do", "bhmd")
         + ["q_len:i32", "H:i32"] + cx(["BLOCK_M", "BLOCK_DV", "D_V", "HAS_DLSE", "I64"]),
         "dkdv": ["Q:*q", "K:*q", "V:*q", "dO:*q", "Mrow:*fp32", "Lrow:*fp32", "Delta:*fp32", "dK:*q", "dV:*q",
                  "Trace:none"]
         + _strides("q", "bhmd") + _strides("k", "bhnd") + _strides("v", "bhnd") + _strides("do", "bhmd")
-        + _strides("dk", "bhnd") + _strides("dv", "bhnd") + sizes + extra_args
-        + cx(tile + ["TRACE", "DOT_PRECISION", "I64", "FAST_MATH"]),
+        + _strides("dk", "bhnd") + _strides("dv", "bhnd") + sizes + extra_args + map_args
+        + cx(tile + ["TRACE", "DOT_PRECISION", "I64", "FAST_MATH"] + map_cx),
         "dq": ["Q:*q", "K:*q", "V:*q", "dO:*q", "Mrow:*fp32", "Lrow:*fp32", "Delta:*fp32", "dQ:*q", "Trace:none"]
         + _strides("q", "bhmd") + _strides("k", "bhnd") + _strides("v", "bhnd") + _strides("do", "bhmd")
-        + _strides("dq", "bhmd") + sizes + extra_args + grad_extra_args
-        + cx(tile + ["TRACE", "DOT_PRECISION", "DETERMINISTIC", "I64", "FAST_MATH"]),
+        + _strides("dq", "bhmd") + sizes + extra_args + map_args + grad_extra_args
+        + cx(tile + ["TRACE", "DOT_PRECISION", "DETERMINISTIC", "I64", "FAST_MATH"] + map_cx),
     }
     knames = {"fwd": "fwd_kernel", "pre": "bwd_preprocess", "dkdv": "bwd_dkdv_kernel", "dq": "bwd_dq_kernel"}
+    if block_map:
+        args["blockmap"] = ["State:*i8", "q_len:i32", "kv_len:i32", "H_MAP:i32"] + extra_args \
+            + cx(["BLOCK_M", "BLOCK_N"])
+        args["blocklists"] = ["State:*i8", "Num:*i32", "Idx:*i32", "stride_sbh:i32", "stride_sr:i32",
+                              "stride_sc:i32", "n_fine_r:i32", "n_fine_c:i32", "n_cols:i32"] \
+            + cx(["RATIO_R", "RATIO_C", "COLS"])
+        knames.update(blockmap="blockmap_kernel", blocklists="blockmap_lists")
     if k.layout.kind in SERVING:
         args = {"serve": ["Q:*q", "K:*q", "V:*q", "Out:*q", "Lse:*fp32", "Opart:*fp32", "Mpart:*fp32", "Lpart:*fp32",
                           "CuQ:*i32", "KvInfo:*i32", "BlockTable:*i32"] + _strides("q", "thd")
@@ -242,9 +291,10 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         mask_lines=mp.lines, mask_expr=mask_expr, logit_lines=lp.lines, logit_expr=logit_expr,
         dscore_lines=dp.lines, dscore_expr=dscore_expr, dscore_src=py(pl.dlogit),
         grads_doc=[f"{g.name}[{', '.join(py(i) for i in g.index)}] = {py(g.partial)}" for g in pl.input_grads],
-        fwd=fwd, bwd=bwd, notes_fwd=notes_fwd, notes_bwd=notes_bwd,
+        fwd=fwd, bwd=bwd, notes_fwd=notes_fwd, block_map=block_map, map_vars=map_vars, fine=fine,
+        map_code=_map_kernel_code(len(pl.segments)) if block_map else {}, notes_bwd=notes_bwd,
         input_grads=list(pl.input_grads), input_grad_lines=grad_lines,
-        grad_owner=repr([g.name for g in pl.input_grads]), learnable=repr(learnable),
+        grad_owner=repr([g.name for g in pl.input_grads]), learnable=repr(learnable), learnable_names=list(learnable),
         read=repr(tuple(dict.fromkeys(g.name for g in pl.input_grads))),
         sig={key: _sig(a) for key, a in args.items()},
         kernel_table=[(key, f"{k.name}_{knames[key]}", repr(a)) for key, a in args.items()],

@@ -29,8 +29,8 @@ from .ir import (
 _IDENT = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
 # names the generated wrapper uses itself (arguments, locals, modules, Python builtins); params and
 # inputs become its keyword arguments, so they may not take them
-RESERVED = ({"q", "k", "v", "scale", "return_lse", "deterministic", "config", "unknown", "out", "lse", "inputs",
-             "params", "tensors", "grad", "name", "val", "torch", "triton", "tl", "math", "inf"}
+RESERVED = ({"q", "k", "v", "scale", "return_lse", "deterministic", "config", "block_map", "unknown", "out", "lse",
+             "inputs", "params", "tensors", "grad", "name", "val", "torch", "triton", "tl", "math", "inf"}
             | set(BUILTINS) | set(SHAPE_SYMBOLS) | set(dir(builtins)))
 FUNCS = {"exp": Op.EXP, "log": Op.LOG, "sqrt": Op.SQRT, "tanh": Op.TANH, "sigmoid": Op.SIGMOID,
          "abs": Op.ABS, "min": Op.MIN, "max": Op.MAX, "clamp": None}

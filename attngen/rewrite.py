@@ -56,8 +56,8 @@ def _substitute(n: Node | None, table: dict[str, Node]) -> Node | None:
 
 def rewrite(k: Kernel, enabled: bool = True) -> Rewritten:
     """The kernel the templates should compile, and how the host must launch it."""
-    if not enabled or k.mask is None:
-        return Rewritten(k, 1)
+    if not enabled or k.mask is None or any(n.op is Op.LOAD for n in k.mask.walk()):
+        return Rewritten(k, 1)  # masks that read tensors get a runtime block map instead
     ds = {_dilation(c) for c in _conjuncts(k.mask)} - {None}
     if len(ds) != 1:
         return Rewritten(k, 1)

@@ -187,15 +187,17 @@ def _run(fn, q, k, v, inputs, params, grad: bool, dout, dlse, **kw):
 
 
 def check(kernel, fn, shape: Shape, dtype, device, seed: int = 0, config: dict | None = None,
-          grad: bool = True, deterministic: bool = False) -> Result:
+          grad: bool = True, deterministic: bool = False, inputs: dict | None = None) -> Result:
     """Run the generated function and the interpreter; compare both against fp64, outputs and
-    (with grad) every gradient: q, k, v and the learnable inputs."""
+    (with grad) every gradient: q, k, v and the learnable inputs. `inputs` replaces some of the
+    random input tensors (e.g. document ids with a chosen structure)."""
     import torch
 
     from .interpreter import interpret
 
     shape = shape.fit(kernel)
-    q, k, v, inputs = make_inputs(kernel, shape, dtype, device, seed)
+    q, k, v, made = make_inputs(kernel, shape, dtype, device, seed)
+    inputs = {**made, **(inputs or {})}
     learnable = {i.name for i in kernel.inputs if i.learnable}
     params = params_for(kernel, shape)
     g = torch.Generator().manual_seed(seed + 1)

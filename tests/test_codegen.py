@@ -46,7 +46,7 @@ def test_hostile_names_are_rejected_or_inert(tmp_path):
                 'attention x { input q: float32[h] }', 'attention x { param None: int = 1 }',
                 'attention x { param float: int = 1 }', 'attention x { param inputs: int = 1 }',
                 'attention x { input math: float32[h] }', 'attention x { param isinstance: int = 1 }',
-                'attention x { param deterministic: bool = true }',
+                'attention x { param deterministic: bool = true }', 'attention x { input block_map: bool[b] }',
                 'attention ' + 'a' * 65 + ' { }']:
         with pytest.raises(AttnError):
             lower(parse(src))
@@ -80,7 +80,13 @@ def sm90_builds(tmp_path_factory):
             for i, job in enumerate(SM90_JOBS):
                 jobs.append({"path": str(mod), **job})
                 keys.append((mod.stem, i))
-            if "192" in mod.stem:
+            if "_blockmap_kernel" in mod.read_text():  # the runtime block map's kernels, and the sympy path
+                for label, job in (("blockmap", dict(kernel="blockmap", block_m=64, block_n=64, num_warps=4)),
+                                   ("blocklists", dict(kernel="blocklists", ratio=(2, 1), cols=128, num_warps=4)),
+                                   ("fwd without map", dict(kernel="fwd", dtype="bf16", d_qk=128, d_v=128,
+                                                            num_warps=8, block_map=False))):
+                    jobs.append({"path": str(mod), **job})
+                    keys.append((mod.stem, label))
                 jobs.append({"path": str(mod), "kernel": "fwd", "dtype": "bf16", "d_qk": 192, "d_v": 128,
                              "block_m": 64, "block_n": 32, "num_stages": 1})
                 keys.append((mod.stem, len(SM90_JOBS)))
@@ -94,10 +100,12 @@ def test_builds_for_sm90(sm90_builds, name):
     results = {k: r for k, r in sm90_builds.items() if k[0] == name}
     assert results
     for (_, i), r in results.items():
-        is_pre = i < len(SM90_JOBS) and SM90_JOBS[i]["kernel"] == "pre"  # no matrix product in it
-        assert r["wgmma"] or is_pre, f"{name} job {i}: no wgmma in the PTX"
+        numbered = isinstance(i, int) and i < len(SM90_JOBS)
+        # no matrix product in the preprocess kernel nor in the block map's
+        no_dot = numbered and SM90_JOBS[i]["kernel"] == "pre" or i in ("blockmap", "blocklists")
+        assert r["wgmma"] or no_dot, f"{name} job {i}: no wgmma in the PTX"
         assert r["fits"], f"{name} job {i}: {r['shared']} bytes of shared memory"
-        if name in ("softcap", "gemma_local", "gemma_global") and i < len(SM90_JOBS) and not is_pre:
+        if name in ("softcap", "gemma_local", "gemma_global") and numbered and not no_dot:
             assert r["fast_tanh"], f"{name} job {i}: 16-bit kernels should use tanh.approx.f32"
 
 
