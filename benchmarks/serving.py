@@ -1,6 +1,6 @@
 """Serving on the GPU: correctness at real sizes, then decode / paged / ragged / MLA / prefill timings.
 
-    python benchmarks/serving.py [--out DIR] [--skip-correctness] [--sweep]
+    python benchmarks/serving.py [--out DIR] [--skip-correctness] [--sweep configs|chunks]
 
 Decode (PERF_ANCHORS): one query token, B=8, 32 query heads over 8 KV heads, KV length 32768, D=128,
 bf16; bytes = K + V read once. Side by side in one process with SDPA (flash, cuDNN; enable_gqa) and
@@ -122,7 +122,7 @@ def bench(fns: dict, sweep: bool) -> list[dict]:
         if page == 16:
             paged16 = (kc, vc, table)
         del kc, vc
-    if sweep:  # launch configurations around the default, on the paged-16 case
+    if sweep == "configs":  # launch configurations around the default, on the paged-16 case
         kc, vc, table = paged16
         for bn in (32, 64, 128):
             for warps in (2, 4, 8):
@@ -153,8 +153,18 @@ def bench(fns: dict, sweep: bool) -> list[dict]:
     vr = torch.cat([v[b, : lengths[b]] for b in range(B)])
     f = lambda: ragged(q3, kr, vr, cu_q, cu_r, max_seqlen_q=1, max_seqlen_k=L)  # noqa: E731
     f()
-    r = row("decode attngen ragged 100..32768", do_bench(f), 2 * int(lengths.sum()) * Hkv * D * 2 / 1e9)
+    ragged_gb = 2 * int(lengths.sum()) * Hkv * D * 2 / 1e9
+    r = row("decode attngen ragged 100..32768", do_bench(f), ragged_gb)
     r["vs_padded_gbps"] = r["gbps"] / base["gbps"]
+    if sweep == "chunks":  # fixed blocks per split against the default even shares
+        for chunk in (8, 16, 24, 32, 48, 64):
+            rc = row(f"sweep ragged CHUNK={chunk}", do_bench(
+                lambda: ragged(q3, kr, vr, cu_q, cu_r, max_seqlen_q=1, max_seqlen_k=L, config={"CHUNK": chunk})),
+                ragged_gb)
+            rc["vs_padded_gbps"] = rc["gbps"] / base["gbps"]
+        for chunk in (32, 64, 103, 128):
+            row(f"sweep contiguous CHUNK={chunk}", do_bench(
+                lambda: ragged(q3, k3, v3, cu_q, cu_k, max_seqlen_q=1, max_seqlen_k=L, config={"CHUNK": chunk})), gb)
 
     # MLA decode: 16 heads over one latent head of 512 + 64 rope dims; values inside the keys
     Lm, Hm = 8192, 16
@@ -195,7 +205,7 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep", choices=["configs", "chunks"], help="launch configs (paged 16) or split sizes")
     a = ap.parse_args()
     import triton
 
