@@ -125,11 +125,13 @@ def info(env: Env) -> dict:
              cudnn=torch.backends.cudnn.version() if env.cuda else None, python=platform.python_version(),
              date=time.strftime("%Y-%m-%d"), time=time.strftime("%H:%M:%S"), command=" ".join(sys.argv),
              smoke=env.smoke, interpreter=os.environ.get("TRITON_INTERPRET") == "1" and not env.cuda)
-    try:
-        d["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                     text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        d["commit"] = None
+    d["commit"] = os.environ.get("ATTNGEN_COMMIT")  # a copied tree (the GPU machine) may carry a stale .git
+    if not d["commit"]:
+        try:
+            d["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                         text=True, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            d["commit"] = None
     return d
 
 
