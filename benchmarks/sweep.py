@@ -1,6 +1,6 @@
 """Launch-configuration sweeps on the GPU (issue 4's autotuning notes; the defaults come from here).
 
-    python benchmarks/sweep.py [--out DIR] [--only fwd,bwd,mla]
+    python benchmarks/sweep.py [--out DIR] [--only fwd,bwd,mla,doc,ragged]
 
 bf16, B=2, H=16, S=8192, D=128 for the training kernels (forward alone; forward + backward with the
 forward fixed at its default, so differences are the backward's); MLA decode (B=8, 16 heads over
@@ -99,6 +99,53 @@ def mla(tmp: Path) -> list[dict]:
     return rows
 
 
+def document(tmp: Path) -> list[dict]:
+    """The document mask (16 random docs, causal) with a prebuilt block map: forward tile shapes."""
+    B, H, S, D = 2, 16, 8192, 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    docs = torch.sort(torch.randint(0, 16, (B, S), device="cuda", generator=g), dim=-1).values.int()
+    (_, fn), = compiled(ROOT / "examples" / "document.attn", tmp)
+    fl = 4 * B * H * S * S * D * 0.0314
+    for bm, bn, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3)):
+        cfg = {"fwd": dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)}
+        try:
+            bmap = fn.block_map(q, k, v, docs, config=cfg)
+        except Exception as e:  # noqa: BLE001
+            print(f"  skipped {cfg}: {e}")
+            continue
+        ms = _time(lambda: fn(q, k, v, docs, block_map=bmap, config=cfg))
+        if ms:
+            ROWS.append(dict(kind="doc", config=cfg["fwd"], ms=ms, tflops=fl / ms / 1e9))
+            _log(ROWS)
+    return ROWS
+
+
+def ragged(tmp: Path) -> list[dict]:
+    """Decode over a ragged batch (lengths 100..32768, B=8, 32 over 8 heads): split sizes and tiles."""
+    spec = tmp / "ragged.attn"
+    spec.write_text("attention rag { layout ragged  mask q_idx >= kv_idx }")
+    (_, fn), = compiled(spec, tmp)
+    B, H, Hkv, L, D = 8, 32, 8, 32768, 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lengths = torch.linspace(100, L, B, device="cuda").long()
+    lengths[-1] = L
+    cu = torch.zeros(B + 1, dtype=torch.int32, device="cuda")
+    cu[1:] = lengths.cumsum(0)
+    k = torch.randn(int(cu[-1]), Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn_like(k)
+    q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    cu_q = torch.arange(B + 1, device="cuda", dtype=torch.int32)
+    gb = 2 * k.numel() * 2 / 1e9
+    for bn, st, chunk in itertools.product((64, 128), (2, 3), (None, 12, 16, 24, 32, 48)):
+        cfg = dict(BLOCK_N=bn, num_stages=st, **({"CHUNK": chunk} if chunk else {}))
+        ms = _time(lambda: fn(q, k, v, cu_q, cu, max_seqlen_q=1, max_seqlen_k=L, config=cfg))
+        if ms:
+            ROWS.append(dict(kind="ragged", config=cfg, ms=ms, gbps=gb / ms * 1e3))
+            _log(ROWS)
+    return ROWS
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -113,8 +160,12 @@ def main() -> None:
             training(Path(tmp), which)
         if "mla" in which:
             mla(Path(tmp))
+        if "doc" in which:
+            document(Path(tmp))
+        if "ragged" in which:
+            ragged(Path(tmp))
     rows = ROWS
-    for kind in ("fwd", "bwd", "mla"):
+    for kind in ("fwd", "bwd", "mla", "doc", "ragged"):
         for variant in ("full", "causal", None):
             sel = [r for r in rows if r["kind"] == kind and r.get("variant") == variant]
             if sel:
