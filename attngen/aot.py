@@ -48,7 +48,7 @@ def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128,
                   FAST_MATH=dtype != "fp32", BLOCK_MAP=block_map, RATIO_R=ratio[0], RATIO_C=ratio[1], COLS=cols)
     d1 = max(16, 1 << (d_qk.bit_length() - 1))
     values.update(HP=1, BLOCK_D1=d1, BLOCK_D2=max(16, triton.next_power_of_2(max(d_qk - d1, 1))), HAS_D2=d_qk > d1,
-                  PAGED=True, PAGE=16, SPLIT=False, BLOCK_S=8)
+                  PAGED=True, PAGE=16, SPLIT=False, BLOCK_S=8, TMA=False)
     values.update(constexprs or {})
     with _compiled_mode():
         mod = import_path(Path(path), f"attngen_aot_{Path(path).stem}_{os.getpid()}")
@@ -66,6 +66,7 @@ def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128,
                            options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = k.asm["ptx"]
     return {"ptx": ptx, "shared": k.metadata.shared, "wgmma": "wgmma" in ptx, "fast_tanh": "tanh.approx.f32" in ptx,
+            "tma": "cp.async.bulk.tensor" in ptx,
             "fits": k.metadata.shared <= H100_SHARED_BYTES}
 
 

@@ -240,7 +240,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     args = {
         "fwd": ["Q:*q", "K:*q", "V:*q", "Out:*q", "Mrow:*fp32", "Lrow:*fp32", "Trace:none"] + _strides("q", "bhmd")
         + _strides("k", "bhnd") + _strides("v", "bhnd") + _strides("o", "bhmd") + sizes + extra_args + map_args
-        + cx(tile + ["TRACE", "DOT_PRECISION", "I64", "FAST_MATH"] + map_cx),
+        + cx(tile + ["TRACE", "DOT_PRECISION", "I64", "FAST_MATH", "TMA"] + map_cx),
         "pre": ["Out:*q", "dO:*q", "dLse:*fp32", "Delta:*fp32"] + _strides("o", "bhmd") + _strides("do", "bhmd")
         + ["q_len:i32", "H:i32"] + cx(["BLOCK_M", "BLOCK_DV", "D_V", "HAS_DLSE", "I64"]),
         "dkdv": ["Q:*q", "K:*q", "V:*q", "dO:*q", "Mrow:*fp32", "Lrow:*fp32", "Delta:*fp32", "dK:*q", "dV:*q",

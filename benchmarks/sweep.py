@@ -1,6 +1,6 @@
 """Launch-configuration sweeps on the GPU (issue 4's autotuning notes; the defaults come from here).
 
-    python benchmarks/sweep.py [--out DIR] [--only fwd,bwd,mla,doc,ragged]
+    python benchmarks/sweep.py [--out DIR] [--only fwd,bwd,mla,doc,ragged,tma]
 
 bf16, B=2, H=16, S=8192, D=128 for the training kernels (forward alone; forward + backward with the
 forward fixed at its default, so differences are the backward's); MLA decode (B=8, 16 heads over
@@ -146,6 +146,23 @@ def ragged(tmp: Path) -> list[dict]:
     return ROWS
 
 
+def tma(tmp: Path) -> list[dict]:
+    """Forward with and without tensor-descriptor (TMA) loads of K and V, across a few tiles."""
+    B, H, S, D = 2, 16, 8192, 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    for name, dens, kw in (("full", 1.0, {}), ("causal", 0.5, {}), ("sliding_window", 0.117, {"window": 1024})):
+        (_, fn), = compiled(ROOT / "examples" / f"{name}.attn", tmp)
+        fl = 4 * B * H * S * S * D * dens
+        for t, w, st, bn in itertools.product((False, True), (4, 8), (2, 3), (64, 128)):
+            cfg = {"fwd": dict(TMA=t, num_warps=w, num_stages=st, BLOCK_N=bn)}
+            ms = _time(lambda: fn(q, k, v, **kw, config=cfg))
+            if ms:
+                ROWS.append(dict(kind="tma", variant=name, config=cfg["fwd"], ms=ms, tflops=fl / ms / 1e9))
+                _log(ROWS)
+    return ROWS
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -164,9 +181,11 @@ def main() -> None:
             document(Path(tmp))
         if "ragged" in which:
             ragged(Path(tmp))
+        if "tma" in which:
+            tma(Path(tmp))
     rows = ROWS
-    for kind in ("fwd", "bwd", "mla", "doc", "ragged"):
-        for variant in ("full", "causal", None):
+    for kind in ("fwd", "bwd", "mla", "doc", "ragged", "tma"):
+        for variant in ("full", "causal", "sliding_window", None):
             sel = [r for r in rows if r["kind"] == kind and r.get("variant") == variant]
             if sel:
                 best = min(sel, key=lambda r: r["ms"])

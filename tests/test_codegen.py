@@ -138,3 +138,19 @@ def test_serving_kernels_build_for_sm90(tmp_path):
         assert r["fits"], f"{job}: {r['shared']} bytes of shared memory"
         if job["kernel"] == "serve" and job["block_m"] >= 64:
             assert r["wgmma"], f"{job}: no wgmma"
+
+
+@pytest.mark.slow
+def test_tma_forward_builds_for_sm90(tmp_path):
+    """The TMA forward (tensor descriptors) builds for the H100 with bulk tensor copies and wgmma."""
+    from attngen.aot import build_all
+    from attngen.runtime import compile_file
+
+    jobs = []
+    for name in ("causal", "document"):
+        (mod,) = compile_file(ROOT / "examples" / f"{name}.attn", tmp_path)
+        jobs.append({"path": str(mod), "kernel": "fwd", "dtype": "bf16", "num_warps": 8, "num_stages": 3,
+                     "constexprs": {"TMA": True}})
+    for job, r in zip(jobs, build_all(jobs)):
+        assert r["wgmma"] and r["fits"], job
+        assert r["tma"], f"{job}: no cp.async.bulk.tensor in the PTX"

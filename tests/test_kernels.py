@@ -184,3 +184,13 @@ def test_64bit_offsets_are_chosen_by_size(examples):
     # [B, S, H, D] with S * H * D = 2**31 + ...: meta tensors, so no memory is needed
     big = torch.empty_strided((1, 2**20 + 1, 16, 128), (2**31, 2048, 128, 1), device="meta")
     assert mod._i64(big.transpose(1, 2)) and not mod._i64(big[:, :1000].transpose(1, 2))
+
+
+@pytest.mark.parametrize("name", ["causal", "document", "qk192_v128", "dilated"])
+def test_tma_forward_path(examples, name):
+    """The forward's tensor-descriptor path (Hopper TMA on the GPU; emulated by the Triton
+    interpreter): zero-filled tails past kv_len and past the head dim, strided (dilated) views."""
+    kernel, fn = examples[name]
+    for shape in (Shape(2, 4, 2, 77, 77, 32, 32), Shape(1, 2, 1, 40, 97, 48, 24)):
+        r = check(kernel, fn, shape, torch.float32, DEVICE, config={"fwd": {"TMA": True}}, grad=False)
+        assert r.ok, f"{shape}: {r.why}"
