@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .ir import SERVING
@@ -24,6 +24,12 @@ from .ir import SERVING
 K_FACTOR = {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0}
 # a floor for when the interpreter happens to be nearly exact: a few ulps of the output scale
 ATOL = {"float32": 1e-6, "float16": 5e-4, "bfloat16": 4e-3}
+
+
+def _heads(kernel, hq: int, hkv: int) -> dict:
+    """Head counts for a test shape, respecting those the spec declares."""
+    hq = kernel.heads_q or hq
+    return {"Hq": hq, "Hkv": kernel.heads_kv or (hkv if hq % hkv == 0 else hq)}
 
 
 @dataclass(frozen=True)
@@ -41,9 +47,7 @@ class Shape:
 
     def fit(self, kernel) -> Shape:
         """Respect head counts the spec declares."""
-        hq = kernel.heads_q or self.Hq
-        hkv = kernel.heads_kv or (self.Hkv if hq % self.Hkv == 0 else hq)
-        return Shape(self.B, hq, hkv, self.Sq, self.Sk, self.Dqk, self.Dv)
+        return replace(self, **_heads(kernel, self.Hq, self.Hkv))
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,7 @@ class ServeShape:
                 f"kv{max(self.kv_lens, default=0)}-D{self.Dqk}/{self.Dv}-p{self.page}")
 
     def fit(self, kernel) -> ServeShape:
-        hq = kernel.heads_q or self.Hq
-        hkv = kernel.heads_kv or (self.Hkv if hq % self.Hkv == 0 else hq)
-        return ServeShape(hq, hkv, self.q_lens, self.kv_lens, self.Dqk, self.Dv, self.page)
+        return replace(self, **_heads(kernel, self.Hq, self.Hkv))
 
 
 CPU_SHAPES = (
@@ -186,6 +188,34 @@ def _run(fn, q, k, v, inputs, params, grad: bool, dout, dlse, **kw):
     return res
 
 
+def _compare(ours: dict, gold: dict, ref: dict, name: str, device, learnable=()) -> tuple[dict, list[str]]:
+    """Each tensor's error against the fp64 golden must stay within K x the interpreter's own error
+    in the same dtype plus a floor of a few ulps of its scale. Returns (errors, reasons to fail)."""
+    import torch
+
+    errors, why = {}, []
+    if torch.isnan(ours["out"]).any() or torch.isnan(ours["lse"]).any():
+        why.append("NaN in output")
+    if not torch.equal(torch.isneginf(ours["lse"]), torch.isneginf(gold["lse"]).to(device)):
+        why.append("fully masked rows differ")
+    for key in gold:
+        a, b, c = ours[key], gold[key].to(device), ref[key].to(device)
+        if key == "lse":
+            c = c.float()
+        e, r = _maxdiff(a, b), _maxdiff(c, b)
+        errors[key] = (e, r)
+        finite = b[torch.isfinite(b)]
+        scale = max(1.0, float(finite.abs().max()) if finite.numel() else 1.0)
+        # a learnable input's gradient sums O(S^2) terms that cancel (each row's ds sums to 0):
+        # give it a floor of ~80 ulps of its scale instead of ~8
+        floor = ATOL[name] * scale * (10.0 if key[1:] in learnable else 1.0)
+        if torch.isnan(a).any():
+            why.append(f"NaN in {key}")
+        elif e > K_FACTOR[name] * r + floor:
+            why.append(f"{key} error {e:.3g} > {K_FACTOR[name]} x {r:.3g} + {floor:.2g}")
+    return errors, why
+
+
 def check(kernel, fn, shape: Shape, dtype, device, seed: int = 0, config: dict | None = None,
           grad: bool = True, deterministic: bool = False, inputs: dict | None = None) -> Result:
     """Run the generated function and the interpreter; compare both against fp64, outputs and
@@ -222,26 +252,7 @@ def check(kernel, fn, shape: Shape, dtype, device, seed: int = 0, config: dict |
     ref_dev = device if dtype != torch.float16 or device.type == "cuda" else torch.device("cpu")
     ref = call(interp, q.to(ref_dev), k.to(ref_dev), v.to(ref_dev), {n: t.to(ref_dev) for n, t in inputs.items()})
     name = str(dtype).replace("torch.", "")
-    errors, why = {}, []
-    if torch.isnan(ours["out"]).any() or torch.isnan(ours["lse"]).any():
-        why.append("NaN in output")
-    if not torch.equal(torch.isneginf(ours["lse"]), torch.isneginf(gold["lse"]).to(device)):
-        why.append("fully masked rows differ")
-    for key in gold:
-        a, b, c = ours[key], gold[key].to(device), ref[key].to(device)
-        if key == "lse":
-            c = c.float()
-        e, r = _maxdiff(a, b), _maxdiff(c, b)
-        errors[key] = (e, r)
-        finite = b[torch.isfinite(b)]
-        scale = max(1.0, float(finite.abs().max()) if finite.numel() else 1.0)
-        # a learnable input's gradient sums O(S^2) terms that cancel (each row's ds sums to 0):
-        # give it a floor of ~80 ulps of its scale instead of ~8
-        floor = ATOL[name] * scale * (10.0 if key[1:] in learnable else 1.0)
-        if torch.isnan(a).any():
-            why.append(f"NaN in {key}")
-        elif e > K_FACTOR[name] * r + floor:
-            why.append(f"{key} error {e:.3g} > {K_FACTOR[name]} x {r:.3g} + {floor:.2g}")
+    errors, why = _compare(ours, gold, ref, name, device, learnable)
     return Result(kernel.name, str(shape), name, errors, not why, "; ".join(why))
 
 
@@ -321,21 +332,8 @@ def check_serving(kernel, fn, shape: ServeShape, dtype, device, seed: int = 0, c
                     **{n: t.to(ref_dev) for n, t in named.items()}, **{n: t.to(ref_dev) for n, t in inputs.items()},
                     **params, return_lse=True)
     name = str(dtype).replace("torch.", "")
-    errors, why = {}, []
-    for key, a, b, c in (("out", out, gold[0], ref[0]), ("lse", lse, gold[1], ref[1])):
-        b, c = b.to(device), c.to(device).float() if key == "lse" else c.to(device)
-        if torch.isnan(a).any():
-            why.append(f"NaN in {key}")
-            errors[key] = (float("nan"), 0.0)
-            continue
-        e, r = _maxdiff(a, b), _maxdiff(c, b)
-        errors[key] = (e, r)
-        finite = b[torch.isfinite(b)]
-        scale = max(1.0, float(finite.abs().max()) if finite.numel() else 1.0)
-        if e > K_FACTOR[name] * r + ATOL[name] * scale:
-            why.append(f"{key} error {e:.3g} > {K_FACTOR[name]} x {r:.3g} + {ATOL[name] * scale:.2g}")
-    if not torch.equal(torch.isneginf(lse), torch.isneginf(gold[1]).to(device)):
-        why.append("rows that see nothing differ")
+    errors, why = _compare({"out": out, "lse": lse}, {"out": gold[0], "lse": gold[1]},
+                           {"out": ref[0], "lse": ref[1]}, name, device)
     return Result(kernel.name, str(s), name, errors, not why, "; ".join(why))
 
 

@@ -526,13 +526,15 @@ def md_attention(rows: list[dict], result: dict) -> list[str]:
         ms = r.get(f"{who}_{p}_ms")
         return "-" if ms is None else f"{ms:.3f} ({r[f'{who}_{p}_tflops']:.0f})"
 
-    for r in rows:
+    def cells(r, p: str, extra: list[str]) -> str:
+        """One row of the forward (p="fwd") or forward+backward (p="fb") table."""
         anchor = r.get("anchor")
-        out.append(f"| {r['title']} | {t(r, 'attngen', 'fwd')} | {t(r, 'flex', 'fwd')} | {t(r, 'cudnn', 'fwd')} | "
-                   f"{t(r, 'flash', 'fwd')} | {_f(r.get('flex_fwd_ratio'), '.2f')} | "
-                   f"{_f(r.get('cudnn_fwd_ratio'), '.2f')} | {_f(r.get('flash_fwd_ratio'), '.2f')} | "
-                   f"{_f(anchor[0] if anchor else None, '.0f')} | {r.get('target', '-')} | "
-                   f"{_met({'fwd': r['target_met']['fwd']} if 'target_met' in r else None)} |")
+        met = {p: r["target_met"].get(p)} if "target_met" in r else None
+        return " | ".join([r["title"], *(t(r, who, p) for who in ("attngen", "flex", "cudnn", "flash")),
+                           *(_f(r.get(f"{peer}_{p}_ratio"), ".2f") for peer in ("flex", "cudnn", "flash")), *extra,
+                           _f(anchor[p == "fb"] if anchor else None, ".0f"), r.get("target", "-"), _met(met)])
+
+    out += [f"| {cells(r, 'fwd', [])} |" for r in rows]
     if any(r.get("attngen_fb_ms") is not None for r in rows):
         out += ["", "## Forward + backward", "",
                 "ms (TFLOP/s at 3.5 x the forward's count). bwd TF/s: the backward alone, (fwd+bwd - fwd) at 2.5 x.",
@@ -540,14 +542,8 @@ def md_attention(rows: list[dict], result: dict) -> list[str]:
                 "| row | attngen | Flex | cuDNN | SDPA flash | vs Flex | vs cuDNN | vs flash | attngen bwd TF/s | "
                 "Flex bwd TF/s | Flex bwd anchor | target | met |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            anchor = r.get("anchor")
-            out.append(f"| {r['title']} | {t(r, 'attngen', 'fb')} | {t(r, 'flex', 'fb')} | {t(r, 'cudnn', 'fb')} | "
-                       f"{t(r, 'flash', 'fb')} | {_f(r.get('flex_fb_ratio'), '.2f')} | "
-                       f"{_f(r.get('cudnn_fb_ratio'), '.2f')} | {_f(r.get('flash_fb_ratio'), '.2f')} | "
-                       f"{_f(r.get('attngen_bwd_tflops'), '.0f')} | {_f(r.get('flex_bwd_tflops'), '.0f')} | "
-                       f"{_f(anchor[1] if anchor else None, '.0f')} | {r.get('target', '-')} | "
-                       f"{_met({'fb': r['target_met'].get('fb')} if 'target_met' in r else None)} |")
+        out += [f"| {cells(r, 'fb', [_f(r.get(f'{w}_bwd_tflops'), '.0f') for w in ('attngen', 'flex')])} |"
+                for r in rows]
     out += ["", "## Mask setup", "",
             "ms per call. attngen: `fn.block_map(...)` when the generated function has it (0: arithmetic mask, "
             "bounds derived at compile time; n/a: a tensor mask without block_map).", "",

@@ -27,10 +27,25 @@ OUT = Path(".")
 ROWS: list[dict] = []  # every measurement, in order
 
 
-def _log(rows: list[dict]) -> None:
-    """Print the newest row and keep the file current, so a run cut short still leaves its numbers."""
-    print(json.dumps(rows[-1]), flush=True)
-    (OUT / "sweep.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=rows), indent=1))
+def _measure(f, work: float, unit: str, base_ms: float = 0.0, **row) -> None:
+    """Time f and record a row with `unit` = work per second (flops -> "tflops", bytes -> "gbps");
+    base_ms is subtracted first (the backward alone). The file stays current, so a run cut short
+    still leaves its numbers."""
+    ms = _time(f)
+    if not ms:
+        return
+    ms -= base_ms
+    ROWS.append(dict(row, ms=ms, **{unit: work / ms / (1e9 if unit == "tflops" else 1e6)}))
+    print(json.dumps(ROWS[-1]), flush=True)
+    (OUT / "sweep.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=ROWS), indent=1))
+
+
+def _qkv(B: int = 2, H: int = 16, S: int = 8192, D: int = 128):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return tuple(torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+
+
+FLOPS = 4 * 2 * 16 * 8192 * 8192 * 128  # the training shape's dense forward
 
 
 def _time(f) -> float | None:
@@ -44,23 +59,16 @@ def _time(f) -> float | None:
         return None
 
 
-def training(tmp: Path, which: set[str]) -> list[dict]:
-    B, H, S, D = 2, 16, 8192, 128
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+def training(tmp: Path, which: set[str]) -> None:
+    q, k, v = _qkv()
     do = torch.randn_like(q)
-    rows = ROWS
     for name in ("full", "causal"):
         (_, fn), = compiled(ROOT / "examples" / f"{name}.attn", tmp)
-        dens = 1.0 if name == "full" else 0.5
-        fl = 4 * B * H * S * S * D * dens
+        fl = FLOPS * (1.0 if name == "full" else 0.5)
         if "fwd" in which:
             for bm, bn, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4)):
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-                ms = _time(lambda: fn(q, k, v, config={"fwd": cfg}))
-                if ms:
-                    rows.append(dict(kind="fwd", variant=name, config=cfg, ms=ms, tflops=fl / ms / 1e9))
-                    _log(rows)
+                _measure(lambda: fn(q, k, v, config={"fwd": cfg}), fl, "tflops", kind="fwd", variant=name, config=cfg)
         if "bwd" in which and name == "causal":
             qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
 
@@ -71,15 +79,11 @@ def training(tmp: Path, which: set[str]) -> list[dict]:
             for (bm, bn), w, st in itertools.product(((32, 64), (64, 64), (64, 128), (128, 64), (128, 128)), (4, 8),
                                                      (1, 2)):
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-                ms = _time(lambda: step(cfg))
-                if ms and base:
-                    rows.append(dict(kind="bwd", variant=name, config=cfg, ms=ms - base,
-                                     tflops=2.5 * fl / (ms - base) / 1e9))
-                    _log(rows)
-    return rows
+                if base:
+                    _measure(lambda: step(cfg), 2.5 * fl, "tflops", base, kind="bwd", variant=name, config=cfg)
 
 
-def mla(tmp: Path) -> list[dict]:
+def mla(tmp: Path) -> None:
     spec = tmp / "mla.attn"
     spec.write_text("attention mla { layout paged  heads kv = 1  scale 0.0721687836  mask q_idx >= kv_idx }")
     (_, fn), = compiled(spec, tmp)
@@ -89,24 +93,19 @@ def mla(tmp: Path) -> list[dict]:
     table = torch.randperm(B * L // page, device="cuda", generator=g).view(B, -1).int()
     q = torch.randn(B, 1, Hm, 576, device="cuda", dtype=torch.bfloat16, generator=g)
     lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
-    rows = ROWS
     for bn, w, st, sp in itertools.product((16, 32, 64), (4, 8), (1, 2, 3), (None, 66)):
         cfg = dict(BLOCK_N=bn, num_warps=w, num_stages=st, **({"SPLITS": sp} if sp else {}))
-        ms = _time(lambda: fn(q, kc, kc[..., :512], table, lens, config=cfg))
-        if ms:
-            rows.append(dict(kind="mla", config=cfg, ms=ms, gbps=B * L * 576 * 2 / ms / 1e6))
-            _log(rows)
-    return rows
+        _measure(lambda: fn(q, kc, kc[..., :512], table, lens, config=cfg), B * L * 576 * 2, "gbps", kind="mla",
+                 config=cfg)
 
 
-def document(tmp: Path) -> list[dict]:
+def document(tmp: Path) -> None:
     """The document mask (16 random docs, causal) with a prebuilt block map: forward tile shapes."""
-    B, H, S, D = 2, 16, 8192, 128
+    q, k, v = _qkv()
+    B, S = q.shape[0], q.shape[2]
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
     docs = torch.sort(torch.randint(0, 16, (B, S), device="cuda", generator=g), dim=-1).values.int()
     (_, fn), = compiled(ROOT / "examples" / "document.attn", tmp)
-    fl = 4 * B * H * S * S * D * 0.0314
     for bm, bn, w, st in itertools.product((64, 128), (64, 128), (4, 8), (2, 3)):
         cfg = {"fwd": dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)}
         try:
@@ -114,14 +113,11 @@ def document(tmp: Path) -> list[dict]:
         except Exception as e:  # noqa: BLE001
             print(f"  skipped {cfg}: {e}")
             continue
-        ms = _time(lambda: fn(q, k, v, docs, block_map=bmap, config=cfg))
-        if ms:
-            ROWS.append(dict(kind="doc", config=cfg["fwd"], ms=ms, tflops=fl / ms / 1e9))
-            _log(ROWS)
-    return ROWS
+        _measure(lambda: fn(q, k, v, docs, block_map=bmap, config=cfg), FLOPS * 0.0314, "tflops", kind="doc",
+                 config=cfg["fwd"])
 
 
-def ragged(tmp: Path) -> list[dict]:
+def ragged(tmp: Path) -> None:
     """Decode over a ragged batch (lengths 100..32768, B=8, 32 over 8 heads): split sizes and tiles."""
     spec = tmp / "ragged.attn"
     spec.write_text("attention rag { layout ragged  mask q_idx >= kv_idx }")
@@ -136,31 +132,21 @@ def ragged(tmp: Path) -> list[dict]:
     v = torch.randn_like(k)
     q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
     cu_q = torch.arange(B + 1, device="cuda", dtype=torch.int32)
-    gb = 2 * k.numel() * 2 / 1e9
     for bn, st, chunk in itertools.product((64, 128), (2, 3), (None, 12, 16, 24, 32, 48)):
         cfg = dict(BLOCK_N=bn, num_stages=st, **({"CHUNK": chunk} if chunk else {}))
-        ms = _time(lambda: fn(q, k, v, cu_q, cu, max_seqlen_q=1, max_seqlen_k=L, config=cfg))
-        if ms:
-            ROWS.append(dict(kind="ragged", config=cfg, ms=ms, gbps=gb / ms * 1e3))
-            _log(ROWS)
-    return ROWS
+        _measure(lambda: fn(q, k, v, cu_q, cu, max_seqlen_q=1, max_seqlen_k=L, config=cfg), 2 * k.numel() * 2,
+                 "gbps", kind="ragged", config=cfg)
 
 
-def tma(tmp: Path) -> list[dict]:
+def tma(tmp: Path) -> None:
     """Forward with and without tensor-descriptor (TMA) loads of K and V, across a few tiles."""
-    B, H, S, D = 2, 16, 8192, 128
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    q, k, v = _qkv()
     for name, dens, kw in (("full", 1.0, {}), ("causal", 0.5, {}), ("sliding_window", 0.117, {"window": 1024})):
         (_, fn), = compiled(ROOT / "examples" / f"{name}.attn", tmp)
-        fl = 4 * B * H * S * S * D * dens
         for t, w, st, bn in itertools.product((False, True), (4, 8), (2, 3), (64, 128)):
             cfg = {"fwd": dict(TMA=t, num_warps=w, num_stages=st, BLOCK_N=bn)}
-            ms = _time(lambda: fn(q, k, v, **kw, config=cfg))
-            if ms:
-                ROWS.append(dict(kind="tma", variant=name, config=cfg["fwd"], ms=ms, tflops=fl / ms / 1e9))
-                _log(ROWS)
-    return ROWS
+            _measure(lambda: fn(q, k, v, **kw, config=cfg), FLOPS * dens, "tflops", kind="tma", variant=name,
+                     config=cfg["fwd"])
 
 
 def main() -> None:
@@ -183,10 +169,9 @@ def main() -> None:
             ragged(Path(tmp))
         if "tma" in which:
             tma(Path(tmp))
-    rows = ROWS
     for kind in ("fwd", "bwd", "mla", "doc", "ragged", "tma"):
         for variant in ("full", "causal", "sliding_window", None):
-            sel = [r for r in rows if r["kind"] == kind and r.get("variant") == variant]
+            sel = [r for r in ROWS if r["kind"] == kind and r.get("variant") == variant]
             if sel:
                 best = min(sel, key=lambda r: r["ms"])
                 print(f"best {kind} {variant}: {best}")
