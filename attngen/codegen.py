@@ -13,6 +13,7 @@ from .ir import LAYOUTS, SERVING, Kernel, Node, Op
 from .printer import PythonPrinter, TritonPrinter, input_args, literal, param_name
 from .resources import resource_dir
 from .rewrite import rewrite
+from .runtime import writable_cache
 
 _KERNEL_VARS = {v: v for v in ("b", "h", "q_idx", "kv_idx", "q_len", "kv_len", "qk", "sm_scale")}
 _TYPE_SIG = {"int": "i32", "float": "fp32", "bool": "i32"}
@@ -24,9 +25,12 @@ py = PythonPrinter()
 
 @cache
 def _env() -> jinja2.Environment:
+    # compiled templates are kept in the user's cache (Jinja checks each against its source)
+    folder = writable_cache("jinja")
     return jinja2.Environment(loader=jinja2.FileSystemLoader(str(resource_dir("templates"))),
                               undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                              trim_blocks=False, lstrip_blocks=False, autoescape=False)
+                              trim_blocks=False, lstrip_blocks=False, autoescape=False,
+                              bytecode_cache=jinja2.FileSystemBytecodeCache(str(folder)) if folder else None)
 
 
 def _nest(fn: str, xs: list[str]) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 from functools import cache
 
 import lark
@@ -17,8 +20,34 @@ _KEYWORD_HINT = ("each clause starts with one of: heads, param, const, input, le
 
 @cache
 def _parser() -> Lark:
+    """The LALR parser; its tables are saved in the user's cache (building them is a tenth of a
+    compile), keyed by the grammar, the options and Lark's version."""
+    from .runtime import writable_cache
+
     grammar = (resource_dir("grammar") / "attn.lark").read_text()
-    return Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
+    opts = dict(parser="lalr", propagate_positions=True, maybe_placeholders=True)
+    key = hashlib.sha256(f"{lark.__version__}\0{sorted(opts.items())}\0{grammar}".encode()).hexdigest()[:16]
+    folder = writable_cache("parser")
+    path = folder / f"attn-{key}.lark" if folder else None
+    if path and path.exists():
+        try:
+            with open(path, "rb") as f:
+                return Lark.load(f)
+        except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt below
+            pass
+    parser = Lark(grammar, **opts)
+    if path:
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                parser.save(f)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return parser
 
 
 def _span(file: str, meta) -> Span:

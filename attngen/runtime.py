@@ -1,8 +1,9 @@
 """Compile specs to modules on disk and import them. The cache is keyed by the spec text,
-the kernel name, the options and attngen's version; files land by atomic rename."""
+the kernel name, the options and a hash of the compiler's sources; files land by atomic rename."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -19,6 +20,30 @@ def cache_dir() -> Path:
     root = os.environ.get("ATTNGEN_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "attngen")
     return Path(root) / __version__
+
+
+def writable_cache(sub: str) -> Path | None:
+    """cache_dir()/sub, created; None where it cannot be written (callers then skip caching)."""
+    d = cache_dir() / sub
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return d if os.access(d, os.W_OK) else None
+
+
+@functools.cache
+def toolchain_hash() -> str:
+    """Hash of the compiler's own sources (package, grammar, templates): a cached module is reused
+    only by the compiler that wrote it, even between releases (an edited template is a new key)."""
+    from .resources import resource_dir
+
+    h = hashlib.sha256()
+    pkg = Path(__file__).parent
+    for folder, pattern in ((pkg, "*.py"), (resource_dir("grammar"), "*"), (resource_dir("templates"), "*")):
+        for f in sorted(folder.glob(pattern)):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -63,7 +88,7 @@ def load(path: str | os.PathLike, name: str | None = None, sparse: bool = True, 
     from .codegen import compile_source
 
     src = Path(path).read_text()
-    key = hashlib.sha256(f"{__version__}\0{sparse}\0{layout}\0{src}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{toolchain_hash()}\0{sparse}\0{layout}\0{src}".encode()).hexdigest()[:16]
     sources: dict[str, str] | None = None
     if name is None:
         sources = compile_source(src, str(path), sparse=sparse, layout=layout)

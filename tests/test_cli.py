@@ -133,3 +133,29 @@ def test_concurrent_loads_never_see_a_partial_file(tmp_path):
     files = list((tmp_path / "cache").rglob("*"))
     assert [f.name for f in files if f.suffix == ".tmp"] == []  # no leftovers
     assert len([f for f in files if f.suffix == ".py"]) == 1
+
+
+def test_cache_key_follows_the_compiler_sources(tmp_path, monkeypatch):
+    """An edited template or compiler module must not reuse modules compiled before the edit."""
+    from attngen import runtime
+
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path / "cache"))
+    spec = tmp_path / "c.attn"
+    spec.write_text("attention ck { mask q_idx >= kv_idx }\n")
+    attngen.load(str(spec))
+    monkeypatch.setattr(runtime, "toolchain_hash", lambda: "edited")
+    attngen.load(str(spec))
+    assert len(list((tmp_path / "cache" / attngen.__version__).glob("*.py"))) == 2
+
+
+def test_parser_tables_cache_survives_damage(tmp_path, monkeypatch):
+    from attngen import parse
+
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path / "cache"))
+    build = parse._parser.__wrapped__
+    build()
+    (saved,) = (tmp_path / "cache" / attngen.__version__ / "parser").glob("attn-*.lark")
+    assert build().parse("attention a { mask q_idx >= kv_idx }\n")  # loaded from the file
+    saved.write_bytes(b"not a parser")
+    assert build().parse("attention a { mask q_idx >= kv_idx }\n")  # rebuilt
+    assert saved.read_bytes() != b"not a parser"
