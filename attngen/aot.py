@@ -31,11 +31,13 @@ def _compiled_mode():
 def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128, d_v: int = 128, arch: int = 90,
           block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 2, i64: bool = False,
           block_map: bool = True, ratio: tuple[int, int] = (2, 1), cols: int = 128,
-          constexprs: dict | None = None) -> dict:
+          constexprs: dict | None = None, aligned: bool = True) -> dict:
     """Compile one kernel ("fwd", "pre", "dkdv", "dq"; "blockmap" and "blocklists" where the mask
     reads tensors; "serve", "combine" for serving layouts) of the generated module at `path`.
     block_map: the attention kernels' BLOCK_MAP path; ratio, cols: the list kernel's RATIO_R, RATIO_C
-    and COLS (block_m, block_n: the map's tile); `constexprs` sets the serving kernels' own (HP, PAGED, ...)."""
+    and COLS (block_m, block_n: the map's tile); `constexprs` sets the serving kernels' own (HP, PAGED, ...).
+    aligned: specialize pointers and strides as 16-divisible, as the JIT does for contiguous tensors (the
+    build then shows the loads the GPU will really run: vectorized, and pipelined with cp.async)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -53,20 +55,22 @@ def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128,
     with _compiled_mode():
         mod = import_path(Path(path), f"attngen_aot_{Path(path).stem}_{os.getpid()}")
         fn, args = mod.KERNELS[kernel]
-        sig, const = {}, {}
-        for item in args:
+        sig, const, attrs = {}, {}, {}
+        for i, item in enumerate(args):
             name, ty = item.split(":")
-            if ty == "constexpr":
-                sig[name], const[name] = "constexpr", values[name]
+            if ty == "constexpr":  # head-dim strides: 1, as for contiguous tensors
+                sig[name], const[name] = "constexpr", 1 if name.startswith("stride_") else values[name]
             elif ty == "none":  # optional pointers (trace, deterministic buffers) left out
                 sig[name], const[name] = "constexpr", None
             else:
                 sig[name] = f"*{dtype}" if ty == "*q" else ty
-        k = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32),
+                if aligned and (ty.startswith("*") or name.startswith("stride_")):
+                    attrs[(i,)] = [["tt.divisibility", 16]]  # what the JIT finds for contiguous tensors
+        k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = k.asm["ptx"]
     return {"ptx": ptx, "shared": k.metadata.shared, "wgmma": "wgmma" in ptx, "fast_tanh": "tanh.approx.f32" in ptx,
-            "tma": "cp.async.bulk.tensor" in ptx,
+            "tma": "cp.async.bulk.tensor" in ptx, "cp_async": "cp.async.ca" in ptx or "cp.async.cg" in ptx,
             "fits": k.metadata.shared <= H100_SHARED_BYTES}
 
 

@@ -201,7 +201,9 @@ def _sig(args: list[str]) -> str:
 
 
 def _strides(t: str, dims: str) -> list[str]:
-    return [f"stride_{t}{d}:i32" for d in dims]
+    # the head-dim stride is a constexpr (1 in practice): Triton specializes ints only on divisibility
+    # by 16, and without a known unit stride loads are neither vectorized nor pipelined (cp.async)
+    return [f"stride_{t}{d}:{_CONSTEXPR if d == 'd' else 'i32'}" for d in dims]
 
 
 def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:

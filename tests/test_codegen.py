@@ -105,6 +105,9 @@ def test_builds_for_sm90(sm90_builds, name):
         no_dot = numbered and SM90_JOBS[i]["kernel"] == "pre" or i in ("blockmap", "blocklists")
         assert r["wgmma"] or no_dot, f"{name} job {i}: no wgmma in the PTX"
         assert r["fits"], f"{name} job {i}: {r['shared']} bytes of shared memory"
+        if numbered and not no_dot and SM90_JOBS[i].get("num_stages", 2) > 1:
+            # loads from global memory are software-pipelined (needs the constexpr head-dim strides)
+            assert r["cp_async"] or r["tma"], f"{name} job {i}: loads not pipelined"
         if name in ("softcap", "gemma_local", "gemma_global") and numbered and not no_dot:
             assert r["fast_tanh"], f"{name} job {i}: 16-bit kernels should use tanh.approx.f32"
 
@@ -138,6 +141,8 @@ def test_serving_kernels_build_for_sm90(tmp_path):
         assert r["fits"], f"{job}: {r['shared']} bytes of shared memory"
         if job["kernel"] == "serve" and job["block_m"] >= 64:
             assert r["wgmma"], f"{job}: no wgmma"
+        if job["kernel"] == "serve" and job.get("num_stages", 2) > 1:
+            assert r["cp_async"], f"{job}: K/V loads not pipelined"
 
 
 @pytest.mark.slow

@@ -113,6 +113,17 @@ def test_scale_override_and_noncontiguous(examples):
     assert (out.double() - ref).abs().max() < 1e-5
 
 
+def test_head_dim_stride_other_than_one(examples):
+    """Head-dim strides are constexprs (1 for contiguous tensors); another stride compiles its own variant."""
+    kernel, fn = examples["causal"]
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, 2, 24, 32, generator=g).to(DEVICE)[..., ::2] for _ in range(3))  # stride 2
+    from attngen.interpreter import interpret
+
+    ref = interpret(kernel, q.double(), k.double(), v.double())
+    assert (fn(q, k, v).double() - ref).abs().max() < 1e-5
+
+
 def test_call_validation(examples):
     kernel, fn = examples["document"]
     q = torch.randn(1, 2, 8, 16, device=DEVICE)
