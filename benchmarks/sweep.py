@@ -1,6 +1,6 @@
 """Launch-configuration sweeps on the GPU (issue 4's autotuning notes; the defaults come from here).
 
-    python benchmarks/sweep.py [--out DIR] [--only fwd,bwd,mla,doc,ragged,tma]
+    python benchmarks/sweep.py [--out DIR] [--only fwd,bwd,mla,doc,ragged,tma,splits]
 
 bf16, B=2, H=16, S=8192, D=128 for the training kernels (forward alone; forward + backward with the
 forward fixed at its default, so differences are the backward's); MLA decode (B=8, 16 heads over
@@ -138,6 +138,29 @@ def ragged(tmp: Path) -> None:
                  "gbps", kind="ragged", config=cfg)
 
 
+def splits(tmp: Path) -> None:
+    """Decode split counts (contiguous rows, one query, D=128) across batch and head shapes: the
+    split rule in the serving template comes from here."""
+    spec = tmp / "dec.attn"
+    spec.write_text("attention dec { layout ragged  mask q_idx >= kv_idx }")
+    (_, fn), = compiled(spec, tmp)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    D = 128
+    kbuf = torch.randn(8 * 32768 * 8 * D, device="cuda", dtype=torch.bfloat16, generator=g)
+    for B, H, Hkv, L in ((1, 32, 8, 32768), (2, 32, 8, 32768), (4, 32, 8, 32768), (8, 32, 8, 32768),
+                         (16, 32, 8, 16384), (32, 32, 8, 8192), (8, 32, 8, 4096), (64, 32, 8, 2048),
+                         (8, 64, 8, 8192), (4, 16, 16, 8192), (8, 8, 8, 8192)):
+        q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        k = kbuf[: B * L * Hkv * D].view(B * L, Hkv, D)
+        cu_q = torch.arange(B + 1, device="cuda", dtype=torch.int32)
+        for sp in (None, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64):
+            if sp and sp > L // 64:
+                continue
+            cfg = {"SPLITS": sp} if sp else {}
+            _measure(lambda: fn(q, k, k, cu_q, cu_q * L, max_seqlen_q=1, max_seqlen_k=L, config=cfg),
+                     2 * k.numel() * 2, "gbps", kind="splits", variant=f"B{B} H{H}/{Hkv} L{L}", config=cfg)
+
+
 def tma(tmp: Path) -> None:
     """Forward with and without tensor-descriptor (TMA) loads of K and V, across a few tiles."""
     q, k, v = _qkv()
@@ -169,6 +192,8 @@ def main() -> None:
             ragged(Path(tmp))
         if "tma" in which:
             tma(Path(tmp))
+        if "splits" in which:
+            splits(Path(tmp))
     for kind in ("fwd", "bwd", "mla", "doc", "ragged", "tma"):
         for variant in ("full", "causal", "sliding_window", None):
             sel = [r for r in ROWS if r["kind"] == kind and r.get("variant") == variant]
