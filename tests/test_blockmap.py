@@ -75,26 +75,32 @@ def test_map_and_lists_match_brute_force(examples, name, case):
                     assert idx[b, r, slot, :len(cols)].tolist() == cols, f"{name} b{b} row {r} kind {kind}"
 
 
+PER_KERNEL = {"fwd": dict(BLOCK_M=16, BLOCK_N=16), "dkdv": dict(BLOCK_M=16, BLOCK_N=32),
+              "dq": dict(BLOCK_M=32, BLOCK_N=16)}
+
+
+@pytest.mark.parametrize("cfg", [dict(BLOCK_M=16, BLOCK_N=16), PER_KERNEL], ids=["shared", "per-kernel"])
 @pytest.mark.parametrize("name", MAPPED)
-def test_kernels_visit_the_map(examples, name):
+def test_kernels_visit_the_map(examples, name, cfg):
     """TRACE: partial blocks once as partial (1), full ones once as full (16), empty ones never;
-    forward and dQ by query block, dK/dV by key block."""
+    forward and dQ by query block, dK/dV by key block; per-kernel tiles read their own lists."""
     kernel, fn = examples[name]
-    cfg = dict(BLOCK_M=16, BLOCK_N=16)
     # tree: full blocks only in the cache (kv_idx < kv_len - q_len), which sympy proves full
     shape = Shape(2, 2, 1, 70, 83, 16, 16) if name == "document" else Shape(2, 2, 1, 40, 97, 16, 16)
     q, k, v, inputs = _inputs(kernel, shape, seed=4)
-    want = _states(kernel, shape, inputs, 16, 16)
-    want = torch.where(want == 2, 16, want).flatten(0, 1)
-    assert (want == 16).any() and (want == 1).any() and (want == 0).any()
-    trace = {"fwd": torch.zeros_like(want), "dq": torch.zeros_like(want),
-             "dkdv": torch.zeros_like(want.transpose(1, 2).contiguous())}
-    trace = {n: t.int().to(DEVICE) for n, t in trace.items()}
+    want = {}
+    for kern in ("fwd", "dq", "dkdv"):
+        c = cfg.get(kern, cfg)
+        w = _states(kernel, shape, inputs, c["BLOCK_M"], c["BLOCK_N"])
+        w = torch.where(w == 2, 16, w).flatten(0, 1)
+        want[kern] = (w.transpose(1, 2) if kern == "dkdv" else w).int()
+        if kern == "fwd":  # 16 x 16: every kind of block occurs
+            assert (w == 16).any() and (w == 1).any() and (w == 0).any()
+    trace = {n: torch.zeros_like(t).contiguous().to(DEVICE) for n, t in want.items()}
     q.requires_grad_()
     fn(q, k, v, **inputs, config=cfg, _trace=trace).sum().backward()
-    assert torch.equal(trace["fwd"].cpu(), want.int())
-    assert torch.equal(trace["dq"].cpu(), want.int())
-    assert torch.equal(trace["dkdv"].cpu(), want.transpose(1, 2).int())
+    for kern in want:
+        assert torch.equal(trace[kern].cpu(), want[kern]), kern
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d)[6:])
@@ -107,6 +113,25 @@ def test_map_results_match_interpreter(examples, name, dtype):
     inputs = _inputs(kernel, shape, seed=6)[3]
     r = check(kernel, fn, shape, dtype, DEVICE, seed=6, config=dict(BLOCK_M=16, BLOCK_N=16), inputs=inputs)
     assert r.ok, f"{name} {r.dtype}: {r.why}"
+
+
+def test_per_kernel_backward_configs(examples):
+    """config sections: top level < "bwd" < "dkdv" / "dq"; the preprocess takes at most dQ's BLOCK_M.
+    A map built for per-kernel tiles has a fine tile dividing all of them; gradients stay right."""
+    kernel, fn = examples["document"]
+    mod = __import__("sys").modules[fn.__module__]
+    cfg = {"BLOCK_M": 16, "num_warps": 2, "bwd": {"BLOCK_N": 32, "num_stages": 2}, "dkdv": {"BLOCK_N": 64},
+           "dq": {"BLOCK_M": 128}}
+    c = mod._bwd_config(128, 128, torch.device("cuda"), cfg)
+    assert c["dkdv"] == dict(BLOCK_M=16, BLOCK_N=64, num_warps=2, num_stages=2)
+    assert c["dq"] == dict(BLOCK_M=128, BLOCK_N=32, num_warps=2, num_stages=2)
+    assert c["pre"] == dict(BLOCK_M=64)
+    shape = Shape(2, 2, 1, 70, 83, 16, 16)
+    inputs = _inputs(kernel, shape, seed=6)[3]
+    bmap = _map(fn, *_inputs(kernel, shape, seed=6), PER_KERNEL)[0]
+    assert bmap.fine == (16, 16)
+    r = check(kernel, fn, shape, torch.float32, DEVICE, seed=6, config=PER_KERNEL, inputs=inputs)
+    assert r.ok, r.why
 
 
 def test_prebuilt_map_is_reused(examples):

@@ -59,12 +59,24 @@ def test_hostile_names_are_rejected_or_inert(tmp_path):
     assert 'float("inf")' in code
 
 
+# the backward jobs are `_bwd_config`'s cuda defaults for D=128 (test_sm90_jobs_are_the_bwd_defaults)
+BWD_DEFAULTS = {"dkdv": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
+                "dq": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)}
 SM90_JOBS = (dict(kernel="fwd", dtype="fp16", d_qk=128, d_v=128, num_warps=8),
              dict(kernel="fwd", dtype="bf16", d_qk=64, d_v=64, num_warps=4, num_stages=3),
              dict(kernel="pre", dtype="bf16", d_qk=128, d_v=128, block_m=64, num_warps=4),
-             dict(kernel="dkdv", dtype="bf16", d_qk=128, d_v=128, block_m=64, block_n=64, num_warps=8),
-             dict(kernel="dq", dtype="bf16", d_qk=128, d_v=128, block_m=64, block_n=64, num_warps=8),
+             *(dict(kernel=kern, dtype="bf16", d_qk=128, d_v=128, block_m=c["BLOCK_M"], block_n=c["BLOCK_N"],
+                    num_warps=c["num_warps"], num_stages=c["num_stages"]) for kern, c in BWD_DEFAULTS.items()),
              dict(kernel="fwd", dtype="bf16", d_qk=128, d_v=128, num_warps=8, i64=True))
+
+
+def test_sm90_jobs_are_the_bwd_defaults(examples):
+    """The sm_90 build checks the backward launch configurations the GPU gets by default."""
+    import torch
+
+    fn = examples["causal"][1]
+    cfgs = sys.modules[fn.__module__]._bwd_config(128, 128, torch.device("cuda"), None)
+    assert {k: cfgs[k] for k in BWD_DEFAULTS} == BWD_DEFAULTS
 
 
 @pytest.fixture(scope="module")
