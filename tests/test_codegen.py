@@ -60,7 +60,7 @@ def test_hostile_names_are_rejected_or_inert(tmp_path):
 
 
 # the backward jobs are `_bwd_config`'s cuda defaults for D=128 (test_sm90_jobs_are_the_bwd_defaults)
-BWD_DEFAULTS = {"dkdv": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
+BWD_DEFAULTS = {"dkdv": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=4),
                 "dq": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)}
 SM90_JOBS = (dict(kernel="fwd", dtype="fp16", d_qk=128, d_v=128, num_warps=8),
              dict(kernel="fwd", dtype="bf16", d_qk=64, d_v=64, num_warps=4, num_stages=3),
@@ -92,6 +92,11 @@ def sm90_builds(tmp_path_factory):
             for i, job in enumerate(SM90_JOBS):
                 jobs.append({"path": str(mod), **job})
                 keys.append((mod.stem, i))
+            # the host's fallback (`_launch`) when a backward pipeline does not fit: one stage fewer
+            for job in SM90_JOBS:
+                if job["kernel"] in ("dkdv", "dq"):
+                    jobs.append({"path": str(mod), **job, "num_stages": job["num_stages"] - 1})
+                    keys.append((mod.stem, f"{job['kernel']}, a stage fewer"))
             if "_blockmap_kernel" in mod.read_text():  # the runtime block map's kernels, and the sympy path
                 for label, job in (("blockmap", dict(kernel="blockmap", block_m=64, block_n=64, num_warps=4)),
                                    ("blocklists", dict(kernel="blocklists", ratio=(2, 1), cols=128, num_warps=4)),
@@ -116,7 +121,10 @@ def test_builds_for_sm90(sm90_builds, name):
         # no matrix product in the preprocess kernel nor in the block map's
         no_dot = numbered and SM90_JOBS[i]["kernel"] == "pre" or i in ("blockmap", "blocklists")
         assert r["wgmma"] or no_dot, f"{name} job {i}: no wgmma in the PTX"
-        assert r["fits"], f"{name} job {i}: {r['shared']} bytes of shared memory"
+        # a costly score may overflow a backward pipeline: the host then runs it a stage shallower
+        kern = SM90_JOBS[i]["kernel"] if numbered else None
+        fallback = kern in ("dkdv", "dq") and results[(name, f"{kern}, a stage fewer")]["fits"]
+        assert r["fits"] or fallback, f"{name} job {i}: {r['shared']} bytes of shared memory"
         if numbered and not no_dot and SM90_JOBS[i].get("num_stages", 2) > 1:
             # loads from global memory are software-pipelined (needs the constexpr head-dim strides)
             assert r["cp_async"] or r["tma"], f"{name} job {i}: loads not pipelined"

@@ -4,6 +4,8 @@ Gradients: dq, dk, dv and every learnable input, from a random dO and a random d
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from conftest import DEVICE, compile_spec, example_names
@@ -158,6 +160,48 @@ def test_deterministic_mode_is_bit_identical(examples, name):
         runs.append([t.grad.clone() for t in table.values()])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_unwanted_input_grads_are_skipped(examples, deterministic):
+    """A learnable input that does not require grad: the dQ kernel skips its work (INPUT_GRADS off),
+    q/k/v gradients are unchanged and bit-identical, the input gets none."""
+    kernel, fn = examples["relative_bias"]
+    q, k, v, inputs = make_inputs(kernel, Shape(1, 2, 2, 40, 40, 16, 16), torch.float32, DEVICE, seed=13)
+    grads = []
+    for wanted in (True, False):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        table = {n: t.clone().requires_grad_(wanted) for n, t in inputs.items()}
+        fn(qq, kk, vv, **table, deterministic=deterministic).square().sum().backward()
+        assert all((t.grad is not None) == wanted for t in table.values())
+        grads.append([t.grad for t in (qq, kk, vv)])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_launch_steps_down_a_pipeline_that_does_not_fit(examples):
+    """`_launch`: OutOfResources (shared memory) -> one stage fewer, remembered for the next call."""
+    from triton.runtime.errors import OutOfResources
+
+    mod = sys.modules[examples["causal"][1].__module__]
+    tried = []
+
+    class Deep:  # fits in shared memory from 2 stages down, and never with BLOCK_M=512
+        def __getitem__(self, grid):
+            def go(*args, num_stages, BLOCK_M, **kw):
+                tried.append(num_stages)
+                if num_stages > 2 or BLOCK_M == 512:
+                    raise OutOfResources(300000, 232448, "shared memory")
+            return go
+
+    kernel = Deep()
+    mod._launch(kernel, (1,), 0, BLOCK_M=64, num_stages=4)
+    mod._launch(kernel, (1,), 0, BLOCK_M=64, num_stages=4)
+    assert tried == [4, 3, 2, 2]
+    tried.clear()
+    with pytest.raises(OutOfResources):  # even one stage does not fit: the error reaches the caller
+        mod._launch(kernel, (1,), 0, BLOCK_M=512, num_stages=1)
+    assert tried == [1]
 
 
 def test_fully_masked_rows_have_zero_gradients(build_dir):
