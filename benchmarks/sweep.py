@@ -1,6 +1,6 @@
 """Launch-configuration sweeps on the GPU (issue 4's autotuning notes; the defaults come from here).
 
-    python benchmarks/sweep.py [--out DIR] [--only fwd,bwd,mla,doc,ragged,tma,splits]
+    python benchmarks/sweep.py [--out DIR] [--only fwd,bwd,mla,doc,ragged,tma,splits,paged_splits]
 
 bf16, B=2, H=16, S=8192, D=128 for the training kernels (forward alone; forward + backward with the
 forward fixed at its default, so differences are the backward's); MLA decode (B=8, 16 heads over
@@ -147,18 +147,40 @@ def splits(tmp: Path) -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     D = 128
     kbuf = torch.randn(8 * 32768 * 8 * D, device="cuda", dtype=torch.bfloat16, generator=g)
+    vbuf = torch.randn_like(kbuf)  # V apart from K: one tensor for both would be read twice from L2
     for B, H, Hkv, L in ((1, 32, 8, 32768), (2, 32, 8, 32768), (4, 32, 8, 32768), (8, 32, 8, 32768),
                          (16, 32, 8, 16384), (32, 32, 8, 8192), (8, 32, 8, 4096), (64, 32, 8, 2048),
                          (8, 64, 8, 8192), (4, 16, 16, 8192), (8, 8, 8, 8192)):
         q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        k = kbuf[: B * L * Hkv * D].view(B * L, Hkv, D)
+        k, v = (buf[: B * L * Hkv * D].view(B * L, Hkv, D) for buf in (kbuf, vbuf))
         cu_q = torch.arange(B + 1, device="cuda", dtype=torch.int32)
         for sp in (None, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64):
             if sp and sp > L // 64:
                 continue
             cfg = {"SPLITS": sp} if sp else {}
-            _measure(lambda: fn(q, k, k, cu_q, cu_q * L, max_seqlen_q=1, max_seqlen_k=L, config=cfg),
+            _measure(lambda: fn(q, k, v, cu_q, cu_q * L, max_seqlen_q=1, max_seqlen_k=L, config=cfg),
                      2 * k.numel() * 2, "gbps", kind="splits", variant=f"B{B} H{H}/{Hkv} L{L}", config=cfg)
+
+
+def paged_splits(tmp: Path) -> None:
+    """Decode split counts over a paged cache (the block-table gather needs more loads in flight)."""
+    spec = tmp / "decp.attn"
+    spec.write_text("attention decp { layout paged  mask q_idx >= kv_idx }")
+    (_, fn), = compiled(spec, tmp)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    D, Hkv = 128, 8
+    for B, H, L, page in ((1, 32, 32768, 16), (2, 32, 32768, 16), (4, 32, 32768, 16), (8, 32, 32768, 16),
+                          (8, 32, 32768, 64), (16, 32, 16384, 16), (8, 64, 8192, 16)):
+        n = B * L // page
+        kc, vc = (torch.randn(n, page, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+        table = torch.randperm(n, device="cuda", generator=g).view(B, -1).int()
+        q = torch.randn(B, 1, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+        for sp in (None, 1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32):
+            cfg = {"SPLITS": sp} if sp else {}
+            _measure(lambda: fn(q, kc, vc, table, lens, config=cfg), 2 * kc.numel() * 2, "gbps", kind="paged_splits",
+                     variant=f"B{B} H{H}/{Hkv} L{L} page{page}", config=cfg)
+        kc = vc = None  # free the pools before the next shape
 
 
 def tma(tmp: Path) -> None:
@@ -194,6 +216,8 @@ def main() -> None:
             tma(Path(tmp))
         if "splits" in which:
             splits(Path(tmp))
+        if "paged_splits" in which:
+            paged_splits(Path(tmp))
     for kind in ("fwd", "bwd", "mla", "doc", "ragged", "tma"):
         for variant in ("full", "causal", "sliding_window", None):
             sel = [r for r in ROWS if r["kind"] == kind and r.get("variant") == variant]
