@@ -206,6 +206,17 @@ def _strides(t: str, dims: str) -> list[str]:
     return [f"stride_{t}{d}:{_CONSTEXPR if d == 'd' else 'i32'}" for d in dims]
 
 
+def banded(pl: Plan) -> bool:
+    """Whether every segment's key range has a bounded width (a window, a chunk, sink tokens): its lower
+    end moves with q_idx, or an upper end is fixed (not q_idx, not the sequence's end). Such masks visit a few key
+    blocks per query block and want small backward tiles (benchmarks/results/2026-11-26-h100-bwd-ab.json)."""
+    def narrow(seg: Segment) -> bool:
+        moves = any(d == 1 for _, d in seg.lo)
+        fixed = any(d == 0 and not f.vars() & {"kv_len", "q_len"} for f, d in seg.hi)
+        return moves or fixed
+    return pl.sparse and bool(pl.segments) and all(narrow(s) for s in pl.segments)
+
+
 def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     """The generated module's source for one kernel."""
     user = k  # the spec as written: the public signature
@@ -298,6 +309,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         dscore_lines=dp.lines, dscore_expr=dscore_expr, dscore_src=py(pl.dlogit),
         grads_doc=[f"{g.name}[{', '.join(py(i) for i in g.index)}] = {py(g.partial)}" for g in pl.input_grads],
         fwd=fwd, bwd=bwd, notes_fwd=notes_fwd, block_map=block_map, map_vars=map_vars, fine=fine,
+        banded=block_map or banded(pl),
         map_code=_map_kernel_code(len(pl.segments)) if block_map else {}, notes_bwd=notes_bwd,
         input_grads=list(pl.input_grads), input_grad_lines=grad_lines,
         grad_owner=repr([g.name for g in pl.input_grads]), learnable=repr(learnable), learnable_names=list(learnable),

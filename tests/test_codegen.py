@@ -179,3 +179,24 @@ def test_tma_forward_builds_for_sm90(tmp_path):
     for job, r in zip(jobs, build_all(jobs)):
         assert r["wgmma"] and r["fits"], job
         assert r["tma"], f"{job}: no cp.async.bulk.tensor in the PTX"
+
+
+@pytest.mark.parametrize("mask, expected", [
+    ("q_idx >= kv_idx", False),                                          # causal: the range grows with q
+    ("kv_idx < kv_len", False),                                          # full
+    ("q_idx >= kv_idx and q_idx - kv_idx < 1024", True),                 # sliding window
+    ("q_idx // 2048 == kv_idx // 2048 and q_idx >= kv_idx", True),      # chunked
+    ("q_idx >= kv_idx and (kv_idx < 4 or q_idx - kv_idx < 1024)", True),  # sinks + window
+    ("kv_idx < 2048 or q_idx >= kv_idx", False),                         # prefix-LM: one wide segment
+])
+def test_banded_masks_get_small_backward_tiles(mask, expected):
+    """`banded`: every key range has a bounded width; the module then defaults to 64 x 64 backward tiles."""
+    from attngen.analyze import plan
+    from attngen.codegen import banded
+    from attngen.lower import lower
+    from attngen.parse import parse
+
+    (kernel,) = lower(parse(f"attention m {{ mask {mask} }}"))
+    assert banded(plan(kernel)) is expected
+    code = compile_source(f"attention m {{ mask {mask} }}")["m"]
+    assert f"BANDED = {expected}" in code
