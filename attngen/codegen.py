@@ -268,7 +268,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         "dq": ["Q:*q", "K:*q", "V:*q", "dO:*q", "Mrow:*fp32", "Lrow:*fp32", "Delta:*fp32", "dQ:*q", "Trace:none"]
         + _strides("q", "bhmd") + _strides("k", "bhnd") + _strides("v", "bhnd") + _strides("do", "bhmd")
         + _strides("dq", "bhmd") + sizes + extra_args + map_args + grad_extra_args
-        + cx(tile + ["TRACE", "DOT_PRECISION", "DETERMINISTIC", "INPUT_GRADS", "I64", "FAST_MATH"] + map_cx),
+        + cx(tile + ["TRACE", "DOT_PRECISION", "DETERMINISTIC", "INPUT_GRADS", "I64", "FAST_MATH", "TMA"] + map_cx),
     }
     knames = {"fwd": "fwd_kernel", "pre": "bwd_preprocess", "dkdv": "bwd_dkdv_kernel", "dq": "bwd_dq_kernel"}
     if block_map:

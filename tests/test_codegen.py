@@ -176,6 +176,8 @@ def test_tma_forward_builds_for_sm90(tmp_path):
         (mod,) = compile_file(ROOT / "examples" / f"{name}.attn", tmp_path)
         jobs.append({"path": str(mod), "kernel": "fwd", "dtype": "bf16", "num_warps": 8, "num_stages": 3,
                      "constexprs": {"TMA": True}})
+        jobs.append({"path": str(mod), "kernel": "dq", "dtype": "bf16", "block_m": 128, "block_n": 64,
+                     "num_warps": 8, "num_stages": 3, "constexprs": {"TMA": True}})
     for job, r in zip(jobs, build_all(jobs)):
         assert r["wgmma"] and r["fits"], job
         assert r["tma"], f"{job}: no cp.async.bulk.tensor in the PTX"

@@ -241,6 +241,15 @@ def test_64bit_offsets_are_chosen_by_size(examples):
     assert mod._i64(big.transpose(1, 2)) and not mod._i64(big[:, :1000].transpose(1, 2))
 
 
+@pytest.mark.parametrize("name", ["causal", "document", "qk192_v128", "relative_bias"])
+def test_tma_dq_path(examples, name):
+    """The dQ kernel's tensor-descriptor path, with the forward's (so that qk is summed the same way)."""
+    kernel, fn = examples[name]
+    for shape in (Shape(2, 4, 2, 77, 77, 32, 32), Shape(1, 2, 1, 40, 97, 48, 24)):
+        r = check(kernel, fn, shape, torch.float32, DEVICE, config={"fwd": {"TMA": True}, "dq": {"TMA": True}})
+        assert r.ok, f"{shape}: {r.why}"
+
+
 @pytest.mark.parametrize("name", ["causal", "document", "qk192_v128", "dilated"])
 def test_tma_forward_path(examples, name):
     """The forward's tensor-descriptor path (Hopper TMA on the GPU; emulated by the Triton
