@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import io
 from functools import cache
 
 import lark
@@ -22,7 +21,7 @@ _KEYWORD_HINT = ("each clause starts with one of: heads, param, const, input, le
 def _parser() -> Lark:
     """The LALR parser; its tables are saved in the user's cache (building them is a tenth of a
     compile), keyed by the grammar, the options and Lark's version."""
-    from .runtime import writable_cache
+    from .runtime import writable_cache, write_atomic
 
     grammar = (resource_dir("grammar") / "attn.lark").read_text()
     opts = dict(parser="lalr", propagate_positions=True, maybe_placeholders=True)
@@ -37,16 +36,12 @@ def _parser() -> Lark:
             pass
     parser = Lark(grammar, **opts)
     if path:
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        buf = io.BytesIO()
+        parser.save(buf)
         try:
-            with os.fdopen(fd, "wb") as f:
-                parser.save(f)
-            os.replace(tmp, path)
+            write_atomic(path, buf.getvalue())
         except OSError:
-            pass
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            pass  # no cache this time
     return parser
 
 

@@ -46,12 +46,13 @@ def toolchain_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write by rename, so that a concurrent reader sees the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -77,7 +78,7 @@ def compile_file(path: str | os.PathLike, out_dir: str | os.PathLike, sparse: bo
     out = []
     for name, code in compile_source(src, str(path), sparse=sparse, layout=layout).items():
         target = Path(out_dir) / f"{name}.py"
-        _write_atomic(target, code)
+        write_atomic(target, code)
         out.append(target)
     return out
 
@@ -100,11 +101,11 @@ def load(path: str | os.PathLike, name: str | None = None, sparse: bool = True, 
         if name not in sources:
             raise AttnError(f"{path}: no spec named {name!r} (have {', '.join(sources)})")
         try:
-            _write_atomic(target, sources[name])
+            write_atomic(target, sources[name])
         except OSError as e:
             fallback = Path(tempfile.mkdtemp(prefix="attngen-")) / target.name
             print(f"attngen: cache {d} not writable ({e.strerror}); using {fallback.parent}",
                   file=sys.stderr)
-            _write_atomic(fallback, sources[name])
+            write_atomic(fallback, sources[name])
             target = fallback
     return getattr(import_path(target, f"attngen_cache_{name}_{key}"), name)
