@@ -228,6 +228,8 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     mask_expr = "kv_idx < kv_len" if pl.mask is None else f"{mp(pl.mask)} & (kv_idx < kv_len)"
     lp = TritonPrinter(k, _KERNEL_VARS, prefix="s")
     logit_expr = lp(pl.logit)
+    if "qk" not in pl.logit.vars():  # a score that ignores qk is still one value per (query, key) entry
+        logit_expr = f"{logit_expr} + tl.zeros_like(qk)"
     dp = TritonPrinter(k, _KERNEL_VARS, prefix="d")
     dscore_expr = dp(pl.dlogit)
     helpers |= mp.helpers | lp.helpers | dp.helpers

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from conftest import DEVICE, EXAMPLES
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from attngen import AttnError
@@ -111,6 +111,9 @@ def spec(draw):
 
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
 @given(spec(), st.integers(0, 2**16))
+# found by this test: a score that ignores qk (a scalar logit) on full blocks only (q_len 1)
+@example("attention g {\n    param w: int = 5\n    param c: float = 7.0\n    input t: float32[h] learnable\n"
+         "    mask  q_idx <= q_idx\n    score c\n}\n", 1147)
 def test_generated_specs_match_the_interpreter(tmp_path_factory, src, seed):
     from attngen.verify import Shape, check, compiled
 
