@@ -32,7 +32,7 @@ def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128,
           block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 2, i64: bool = False,
           block_map: bool = True, ratio: tuple[int, int] = (2, 1), cols: int = 128,
           constexprs: dict | None = None, aligned: bool = True) -> dict:
-    """Compile one kernel ("fwd", "pre", "dkdv", "dq"; "blockmap" and "blocklists" where the mask
+    """Compile one kernel ("fwd", "dkdv", "dq"; "blockmap" and "blocklists" where the mask
     reads tensors; "serve", "combine" for serving layouts) of the generated module at `path`.
     block_map: the attention kernels' BLOCK_MAP path; ratio, cols: the list kernel's RATIO_R, RATIO_C
     and COLS (block_m, block_n: the map's tile); `constexprs` sets the serving kernels' own (HP, PAGED, ...).

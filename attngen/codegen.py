@@ -260,19 +260,19 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         "fwd": ["Q:*q", "K:*q", "V:*q", "Out:*q", "Mrow:*fp32", "Lrow:*fp32", "Trace:none"] + _strides("q", "bhmd")
         + _strides("k", "bhnd") + _strides("v", "bhnd") + _strides("o", "bhmd") + sizes + extra_args + map_args
         + cx(tile + ["TRACE", "DOT_PRECISION", "I64", "FAST_MATH", "TMA"] + map_cx),
-        "pre": ["Out:*q", "dO:*q", "dLse:*fp32", "Delta:*fp32"] + _strides("o", "bhmd") + _strides("do", "bhmd")
-        + ["q_len:i32", "H:i32"] + cx(["BLOCK_M", "BLOCK_DV", "D_V", "HAS_DLSE", "I64"]),
         "dkdv": ["Q:*q", "K:*q", "V:*q", "dO:*q", "Mrow:*fp32", "Lrow:*fp32", "Delta:*fp32", "dK:*q", "dV:*q",
                  "Trace:none"]
         + _strides("q", "bhmd") + _strides("k", "bhnd") + _strides("v", "bhnd") + _strides("do", "bhmd")
         + _strides("dk", "bhnd") + _strides("dv", "bhnd") + sizes + extra_args + map_args
         + cx(tile + ["TRACE", "DOT_PRECISION", "I64", "FAST_MATH"] + map_cx),
-        "dq": ["Q:*q", "K:*q", "V:*q", "dO:*q", "Mrow:*fp32", "Lrow:*fp32", "Delta:*fp32", "dQ:*q", "Trace:none"]
-        + _strides("q", "bhmd") + _strides("k", "bhnd") + _strides("v", "bhnd") + _strides("do", "bhmd")
-        + _strides("dq", "bhmd") + sizes + extra_args + map_args + grad_extra_args
-        + cx(tile + ["TRACE", "DOT_PRECISION", "DETERMINISTIC", "INPUT_GRADS", "I64", "FAST_MATH", "TMA"] + map_cx),
+        "dq": ["Q:*q", "K:*q", "V:*q", "Out:*q", "dO:*q", "dLse:*fp32", "Mrow:*fp32", "Lrow:*fp32", "Delta:*fp32",
+               "dQ:*q", "Trace:none"]
+        + _strides("q", "bhmd") + _strides("k", "bhnd") + _strides("v", "bhnd") + _strides("o", "bhmd")
+        + _strides("do", "bhmd") + _strides("dq", "bhmd") + sizes + extra_args + map_args + grad_extra_args
+        + cx(tile + ["TRACE", "DOT_PRECISION", "DETERMINISTIC", "INPUT_GRADS", "HAS_DLSE", "I64", "FAST_MATH", "TMA"]
+             + map_cx),
     }
-    knames = {"fwd": "fwd_kernel", "pre": "bwd_preprocess", "dkdv": "bwd_dkdv_kernel", "dq": "bwd_dq_kernel"}
+    knames = {"fwd": "fwd_kernel", "dkdv": "bwd_dkdv_kernel", "dq": "bwd_dq_kernel"}
     if block_map:
         args["blockmap"] = ["State:*i8", "q_len:i32", "kv_len:i32", "H_MAP:i32"] + extra_args \
             + cx(["BLOCK_M", "BLOCK_N"])

@@ -64,7 +64,6 @@ BWD_DEFAULTS = {"dkdv": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=4)
                 "dq": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)}
 SM90_JOBS = (dict(kernel="fwd", dtype="fp16", d_qk=128, d_v=128, num_warps=8),
              dict(kernel="fwd", dtype="bf16", d_qk=64, d_v=64, num_warps=4, num_stages=3),
-             dict(kernel="pre", dtype="bf16", d_qk=128, d_v=128, block_m=64, num_warps=4),
              *(dict(kernel=kern, dtype="bf16", d_qk=128, d_v=128, block_m=c["BLOCK_M"], block_n=c["BLOCK_N"],
                     num_warps=c["num_warps"], num_stages=c["num_stages"]) for kern, c in BWD_DEFAULTS.items()),
              dict(kernel="fwd", dtype="bf16", d_qk=128, d_v=128, num_warps=8, i64=True))
@@ -118,8 +117,8 @@ def test_builds_for_sm90(sm90_builds, name):
     assert results
     for (_, i), r in results.items():
         numbered = isinstance(i, int) and i < len(SM90_JOBS)
-        # no matrix product in the preprocess kernel nor in the block map's
-        no_dot = numbered and SM90_JOBS[i]["kernel"] == "pre" or i in ("blockmap", "blocklists")
+        # no matrix product in the block map's kernels
+        no_dot = i in ("blockmap", "blocklists")
         assert r["wgmma"] or no_dot, f"{name} job {i}: no wgmma in the PTX"
         # a costly score may overflow a backward pipeline: the host then runs it a stage shallower
         kern = SM90_JOBS[i]["kernel"] if numbered else None
