@@ -1,6 +1,6 @@
 """Launch-configuration sweeps on the GPU (issue 4's autotuning notes; the defaults come from here).
 
-    python benchmarks/sweep.py [--out DIR] [--only fwd,bwd,mla,doc,ragged,tma,splits,paged_splits]
+    python benchmarks/sweep.py [--out DIR] [--only fwd,bwd,mla,doc,banded,ragged,tma,splits,paged_splits]
 
 bf16, B=2, H=16, S=8192, D=128 for the training kernels (forward alone; forward + backward with the
 forward fixed at its default, so differences are the backward's); MLA decode (B=8, 16 heads over
@@ -194,6 +194,48 @@ def tma(tmp: Path) -> None:
                      config=cfg["fwd"])
 
 
+def banded(tmp: Path) -> None:
+    """The rows whose key ranges are narrow (document map, sliding 1024, chunked 2048, 4 sinks + window 1024):
+    forward tiles, then dK/dV's with dQ at its default, then dQ's with dK/dV at its default (the backward
+    alone: forward + backward minus the default forward). BANDED's defaults come from here."""
+    q, k, v = _qkv()
+    do = torch.randn_like(q)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    docs = torch.sort(torch.randint(0, 16, (q.shape[0], q.shape[2]), device="cuda", generator=g), dim=-1).values.int()
+    c = lambda m, n, w, s: dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)  # noqa: E731
+    cands = {"fwd": [None, c(64, 64, 4, 2), c(64, 64, 4, 3), c(64, 32, 4, 3), c(64, 32, 4, 4), c(128, 64, 4, 2),
+                     c(64, 64, 8, 3)],
+             "dkdv": [None, c(32, 64, 4, 2), c(32, 64, 4, 3), c(64, 64, 4, 3), c(32, 128, 8, 2), c(16, 64, 4, 3)],
+             "dq": [None, c(64, 32, 4, 2), c(64, 32, 4, 3), c(64, 64, 4, 3), c(128, 32, 8, 2), c(64, 16, 4, 3)]}
+    rows = (("document", ROOT / "examples/document.attn", (docs,), {}, 0.0314),
+            ("sliding_window", ROOT / "examples/sliding_window.attn", (), {"window": 1024}, 0.1172),
+            ("chunked", ROOT / "benchmarks/specs/chunked_2048.attn", (), {}, 0.1251),
+            ("sinks", ROOT / "examples/sink_window.attn", (), {}, 0.1176))
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    for name, path, args, kw, dens in rows:
+        (_, fn), = compiled(path, tmp)
+
+        def call(cfg, grad: bool):
+            bmap = {"block_map": fn.block_map(q, k, v, *args, config=cfg)} if args else {}
+
+            def step():
+                if grad:
+                    qg.grad = kg.grad = vg.grad = None
+                    fn(qg, kg, vg, *args, **kw, **bmap, config=cfg).backward(do)
+                else:
+                    fn(q, k, v, *args, **kw, **bmap, config=cfg)
+            return step
+        base = _time(call(None, False))
+        for sec, cfgs in cands.items():
+            for cfg in cfgs:
+                over = None if cfg is None else {sec: cfg}
+                if sec == "fwd":
+                    _measure(call(over, False), FLOPS * dens, "tflops", kind="banded fwd", variant=name, config=cfg)
+                elif base:
+                    _measure(call(over, True), 2.5 * FLOPS * dens, "tflops", base, kind=f"banded {sec}", variant=name,
+                             config=cfg)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -210,6 +252,8 @@ def main() -> None:
             mla(Path(tmp))
         if "doc" in which:
             document(Path(tmp))
+        if "banded" in which:
+            banded(Path(tmp))
         if "ragged" in which:
             ragged(Path(tmp))
         if "tma" in which:
