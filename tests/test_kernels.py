@@ -179,6 +179,31 @@ def test_unwanted_input_grads_are_skipped(examples, deterministic):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("name", ["causal", "document", "relative_bias"])
+def test_lse_only_on_request(examples, name):
+    """The LSE is made only when asked for: without it the output is a tensor, with grad and without,
+    and the q/k/v and learnable-input gradients are bit-identical to those of a call that returns it
+    and gets no LSE gradient (dQ computes delta with or without a dLSE term)."""
+    kernel, fn = examples[name]
+    q, k, v, inputs = make_inputs(kernel, Shape(1, 2, 2, 45, 45, 16, 16), torch.float32, DEVICE, seed=14)
+    learnable = {i.name for i in kernel.inputs if i.learnable}
+    with torch.no_grad():
+        assert isinstance(fn(q, k, v, **inputs), torch.Tensor)
+    grads = []
+    for want in (False, True):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        table = {n: t.clone().requires_grad_(n in learnable) for n, t in inputs.items()}
+        res = fn(qq, kk, vv, **table, return_lse=want)
+        out = res[0] if want else res
+        assert isinstance(out, torch.Tensor) and out.requires_grad
+        loss = out.square().sum() + (res[1][torch.isfinite(res[1])].sum() * 0 if want else 0)
+        loss.backward()
+        grads.append([t.grad for t in (qq, kk, vv)] + [table[n].grad for n in sorted(learnable)])
+    assert len(grads[0]) == 3 + len(learnable) and all(g is not None for g in grads[0])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 def test_launch_steps_down_a_pipeline_that_does_not_fit(examples):
     """`_launch`: OutOfResources (shared memory) -> one stage fewer, remembered for the next call."""
     from triton.runtime.errors import OutOfResources
