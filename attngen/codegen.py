@@ -217,6 +217,12 @@ def banded(pl: Plan) -> bool:
     return pl.sparse and bool(pl.segments) and all(narrow(s) for s in pl.segments)
 
 
+def skewed(pl: Plan) -> bool:
+    """Whether row blocks differ in work: some segment's key range moves with q_idx or holds for some rows
+    only (causal, prefix-LM). Their programs then run heaviest first (full masks: every row the same)."""
+    return pl.sparse and any(s.q_atoms or any(d != 0 for _, d in s.lo + s.hi) for s in pl.segments)
+
+
 def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     """The generated module's source for one kernel."""
     user = k  # the spec as written: the public signature
@@ -312,6 +318,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         grads_doc=[f"{g.name}[{', '.join(py(i) for i in g.index)}] = {py(g.partial)}" for g in pl.input_grads],
         fwd=fwd, bwd=bwd, notes_fwd=notes_fwd, block_map=block_map, map_vars=map_vars, fine=fine,
         banded=block_map or banded(pl),
+        longest_first=not (block_map or banded(pl)) and skewed(pl),
         map_code=_map_kernel_code(len(pl.segments)) if block_map else {}, notes_bwd=notes_bwd,
         input_grads=list(pl.input_grads), input_grad_lines=grad_lines,
         grad_owner=repr([g.name for g in pl.input_grads]), learnable=repr(learnable), learnable_names=list(learnable),

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import EXAMPLES, ROOT
+from conftest import DEVICE, EXAMPLES, ROOT
 
 from attngen.codegen import compile_source
 
@@ -201,3 +201,47 @@ def test_banded_masks_get_small_backward_tiles(mask, expected):
     assert banded(plan(kernel)) is expected
     code = compile_source(f"attention m {{ mask {mask} }}")["m"]
     assert f"BANDED = {expected}" in code
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("mask q_idx >= kv_idx", True),                                      # causal: rows grow with q
+    ("mask kv_idx < 2048 or q_idx >= kv_idx", True),                     # prefix-LM
+    ("score score * 2.0", False),                                        # full: every row the same
+    ("mask kv_idx < 100", False),                                        # a fixed key range
+    ("mask q_idx >= kv_idx and q_idx - kv_idx < 1024", False),           # sliding: banded, plain order
+    ("mask q_idx < 100", True),                                          # some rows see nothing
+])
+def test_skewed_masks_run_heaviest_first(spec, expected):
+    """`skewed` rows differ in work: the forward, dQ and dK/dV kernels then take their programs from
+    _heaviest_first; banded and uniform masks keep the plain grid order."""
+    code = compile_source(f"attention m {{ {spec} }}")["m"]
+    assert ("i_n, i_bhk = _heaviest_first(8)" in code) is expected
+    assert (code.count("j, i_bh = _heaviest_first(8)") == 2) is expected
+
+
+@pytest.mark.parametrize("n0, n1", [(1, 1), (5, 3), (8, 4), (17, 2), (64, 32), (10, 7)])
+def test_heaviest_first_is_a_bijection(tmp_path, n0, n1):
+    """Every (row block, batch x head) pair gets exactly one program, heaviest chunk first (the
+    generated helper run in the Triton interpreter over the whole grid)."""
+    import torch
+
+    from attngen.runtime import import_path
+
+    code = compile_source("attention m { mask q_idx >= kv_idx }")["m"]
+    a = code.index("@triton.jit\ndef _heaviest_first")
+    helper = code[a:code.index("return j, r // w", a)] + "return j, r // w\n"
+    probe = tmp_path / "probe.py"
+    probe.write_text("import triton\nimport triton.language as tl\n\n\n" + helper + """
+
+@triton.jit
+def probe(Out):
+    j, bh = _heaviest_first(8)
+    pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    tl.store(Out + 2 * pid, j)
+    tl.store(Out + 2 * pid + 1, bh)
+""")
+    mod = import_path(probe, f"probe_{n0}_{n1}")
+    out = torch.full((n0 * n1, 2), -1, dtype=torch.int32, device=DEVICE)
+    mod.probe[(n0, n1)](out)
+    assert sorted(map(tuple, out.tolist())) == [(j, b) for j in range(n0) for b in range(n1)]
+    assert out[: n1 * min(8, n0), 0].max() < min(8, n0)  # the first programs take the heaviest chunk
