@@ -243,6 +243,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     bwd = _visit(k, pl.segments_t, helpers, BWD)
     block_map = uses_block_map(pl) and k.layout.kind not in SERVING  # serving kernels keep the sympy ranges
     map_vars = sorted(pl.mask.vars() & {"b", "h"}) if block_map else []
+    band = block_map or banded(pl)  # narrow key ranges: small tiles, plain program order
     fine = fwd  # the map kernel visits fine tiles with the forward's orientation and names
     if block_map:
         fwd, bwd = _with_map(fwd, "i_m"), _with_map(bwd, "i_n")
@@ -317,8 +318,8 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         dscore_lines=dp.lines, dscore_expr=dscore_expr, dscore_src=py(pl.dlogit),
         grads_doc=[f"{g.name}[{', '.join(py(i) for i in g.index)}] = {py(g.partial)}" for g in pl.input_grads],
         fwd=fwd, bwd=bwd, notes_fwd=notes_fwd, block_map=block_map, map_vars=map_vars, fine=fine,
-        banded=block_map or banded(pl),
-        longest_first=not (block_map or banded(pl)) and skewed(pl),
+        banded=band,
+        longest_first=not band and skewed(pl),
         map_code=_map_kernel_code(len(pl.segments)) if block_map else {}, notes_bwd=notes_bwd,
         input_grads=list(pl.input_grads), input_grad_lines=grad_lines,
         grad_owner=repr([g.name for g in pl.input_grads]), learnable=repr(learnable), learnable_names=list(learnable),
