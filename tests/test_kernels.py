@@ -283,3 +283,20 @@ def test_tma_forward_path(examples, name):
     for shape in (Shape(2, 4, 2, 77, 77, 32, 32), Shape(1, 2, 1, 40, 97, 48, 24)):
         r = check(kernel, fn, shape, torch.float32, DEVICE, config={"fwd": {"TMA": True}}, grad=False)
         assert r.ok, f"{shape}: {r.why}"
+
+
+@pytest.mark.parametrize("S", [7, 8, 1])
+def test_dilated_row_statistics_tile_the_buffer(examples, S):
+    """Dilated specs keep each strided sub-problem's row statistics as one contiguous block of a flat
+    buffer, which the kernels read and write in place: the blocks must cover it exactly, in order."""
+    mod = sys.modules[examples["dilated"][1].__module__]
+    d = mod.DILATION
+    assert d > 1
+    q = torch.empty(2, 3, S, 16)
+    flat = torch.arange(q.shape[:3].numel(), dtype=torch.float32)
+    seen = []
+    for r in range(d):
+        rows = mod._residue_rows(flat, q, r)
+        assert rows.shape == (2, 3, len(range(r, S, d))) and rows.is_contiguous()
+        seen.append(rows.flatten())
+    assert torch.equal(torch.cat(seen), flat)
