@@ -36,8 +36,9 @@ def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128,
     reads tensors; "serve", "combine" for serving layouts) of the generated module at `path`.
     block_map: the attention kernels' BLOCK_MAP path; ratio, cols: the list kernel's RATIO_R, RATIO_C
     and COLS (block_m, block_n: the map's tile); `constexprs` sets the serving kernels' own (HP, PAGED, ...).
-    aligned: specialize pointers and strides as 16-divisible, as the JIT does for contiguous tensors (the
-    build then shows the loads the GPU will really run: vectorized, and pipelined with cp.async)."""
+    aligned: specialize pointers, strides and the lengths as 16-divisible, as the JIT does for contiguous
+    tensors and lengths like 8192 (the build then shows the loads the GPU will really run: vectorized, and
+    pipelined with cp.async)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -64,7 +65,7 @@ def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128,
                 sig[name], const[name] = "constexpr", None
             else:
                 sig[name] = f"*{dtype}" if ty == "*q" else ty
-                if aligned and (ty.startswith("*") or name.startswith("stride_")):
+                if aligned and (ty.startswith("*") or name.startswith("stride_") or name in ("q_len", "kv_len")):
                     attrs[(i,)] = [["tt.divisibility", 16]]  # what the JIT finds for contiguous tensors
         k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": num_warps, "num_stages": num_stages})
