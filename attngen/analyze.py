@@ -362,6 +362,7 @@ class Plan:
     dlogit: Node                  # d score / d qk in natural units (sm_scale included)
     input_grads: tuple[InputGrad, ...]
     notes: tuple[str, ...] = ()
+    logit_scale: Node | None = None   # c where the logit is c * qk and c depends on sm_scale alone
 
 
 def _direction(e, q) -> int | None:
@@ -502,17 +503,23 @@ def plan(k: Kernel, sparse: bool = True) -> Plan:
     mask = None if mask_sp is sp.true else simplify(k).mask
     score = sympify(k.score, syms) if k.score is not None else syms["score"]
     at_qk = {syms["score"]: syms["qk"] * syms["sm_scale"]}
-    logit = _printable(LOG2E * score.subs(at_qk), syms, k, "the score")
+    logit_sp = LOG2E * score.subs(at_qk)
+    logit = _printable(logit_sp, syms, k, "the score")
     dlogit, grads = _derivatives(k, score, syms, at_qk)
+    # a plain (scaled) score: the forward takes row maxima from qk itself and never forms c * qk
+    c = sp.diff(logit_sp, syms["qk"])
+    linear = c.free_symbols <= {syms["sm_scale"]} and sp.simplify(logit_sp - c * syms["qk"]) == 0
+    scale = _printable(c, syms, k, "the score's scale") if linear and c != 0 else None
     everything = Segment((), (), (), (), mask is not None)
     if not sparse:
-        return Plan(mask, logit, (everything,), (everything,), False, dlogit, grads, ("sparsity analysis off",))
+        return Plan(mask, logit, (everything,), (everything,), False, dlogit, grads, ("sparsity analysis off",),
+                    scale)
     found = _segments(mask_sp, syms)
     found_t = _segments(mask_sp, syms, row="kv_idx", col="q_idx")
     if found is None or found_t is None:
         return Plan(mask, logit, (everything,), (everything,), False, dlogit, grads,
-                    ("mask too complex for block ranges",))
-    return Plan(mask, logit, found[0], found_t[0], True, dlogit, grads, tuple(found[1]))
+                    ("mask too complex for block ranges",), scale)
+    return Plan(mask, logit, found[0], found_t[0], True, dlogit, grads, tuple(found[1]), scale)
 
 
 def _printable(e, syms: Symbols, k: Kernel, what: str) -> Node:

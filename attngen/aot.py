@@ -48,7 +48,8 @@ def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128,
     values = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=triton.next_power_of_2(d_qk),
                   BLOCK_DV=triton.next_power_of_2(d_v), D_QK=d_qk, D_V=d_v, TRACE=False, HAS_DLSE=True,
                   DETERMINISTIC=False, INPUT_GRADS=True, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", I64=i64,
-                  FAST_MATH=dtype != "fp32", BLOCK_MAP=block_map, RATIO_R=ratio[0], RATIO_C=ratio[1], COLS=cols)
+                  FAST_MATH=dtype != "fp32", LOGIT_POS=True, BLOCK_MAP=block_map, RATIO_R=ratio[0], RATIO_C=ratio[1],
+                  COLS=cols)
     d1 = max(16, 1 << (d_qk.bit_length() - 1))
     values.update(HP=1, BLOCK_D1=d1, BLOCK_D2=max(16, triton.next_power_of_2(max(d_qk - d1, 1))), HAS_D2=d_qk > d1,
                   PAGED=True, PAGE=16, SPLIT=False, BLOCK_S=8, TMA=False)

@@ -236,6 +236,8 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     logit_expr = lp(pl.logit)
     if "qk" not in pl.logit.vars():  # a score that ignores qk is still one value per (query, key) entry
         logit_expr = f"{logit_expr} + tl.zeros_like(qk)"
+    # c of a plain score s = c * qk (the forward's full blocks never form s); its sign picks max or min
+    logit_scale = TritonPrinter(k, _KERNEL_VARS, prefix="c")(pl.logit_scale) if pl.logit_scale else None
     dp = TritonPrinter(k, _KERNEL_VARS, prefix="d")
     dscore_expr = dp(pl.dlogit)
     helpers |= mp.helpers | lp.helpers | dp.helpers
@@ -266,7 +268,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     args = {
         "fwd": ["Q:*q", "K:*q", "V:*q", "Out:*q", "Mrow:*fp32", "Lrow:*fp32", "Trace:none"] + _strides("q", "bhmd")
         + _strides("k", "bhnd") + _strides("v", "bhnd") + _strides("o", "bhmd") + sizes + extra_args + map_args
-        + cx(tile + ["TRACE", "DOT_PRECISION", "I64", "FAST_MATH", "TMA"] + map_cx),
+        + cx(tile + ["TRACE", "DOT_PRECISION", "I64", "FAST_MATH", "TMA", "LOGIT_POS"] + map_cx),
         "dkdv": ["Q:*q", "K:*q", "V:*q", "dO:*q", "Mrow:*fp32", "Lrow:*fp32", "Delta:*fp32", "dK:*q", "dV:*q",
                  "Trace:none"]
         + _strides("q", "bhmd") + _strides("k", "bhnd") + _strides("v", "bhnd") + _strides("do", "bhmd")
@@ -315,6 +317,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         mask_src=py(pl.mask) if pl.mask is not None else "(none)",
         score_src=py(user.score) if user.score is not None else "score",
         mask_lines=mp.lines, mask_expr=mask_expr, logit_lines=lp.lines, logit_expr=logit_expr,
+        logit_scale=logit_scale, logit_scale_py=py(pl.logit_scale) if pl.logit_scale else "1.0",
         dscore_lines=dp.lines, dscore_expr=dscore_expr, dscore_src=py(pl.dlogit),
         grads_doc=[f"{g.name}[{', '.join(py(i) for i in g.index)}] = {py(g.partial)}" for g in pl.input_grads],
         fwd=fwd, bwd=bwd, notes_fwd=notes_fwd, block_map=block_map, map_vars=map_vars, fine=fine,

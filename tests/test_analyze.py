@@ -140,6 +140,10 @@ def test_plan_details():
     assert not p.sparse and p.segments[0].residual
     # the scale is folded into the exp2 base: one multiply of qk by a per-program scalar
     assert repr(plan(ALL["causal"]).logit) == "mul(mul(1.4426950408889634, sm_scale), qk)"
+    # plain scores expose that scale (the forward's full blocks then skip forming s); others do not
+    assert repr(plan(ALL["causal"]).logit_scale) == "mul(1.4426950408889634, sm_scale)"
+    for name in ("softcap", "alibi", "temperature", "relative_bias"):
+        assert plan(ALL[name]).logit_scale is None, name
     # dead conditions drop: q_idx >= 0 always holds
     from attngen.lower import lower
     from attngen.parse import parse
