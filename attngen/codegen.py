@@ -291,11 +291,11 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         knames.update(blockmap="blockmap_kernel", blocklists="blockmap_lists")
     if k.layout.kind in SERVING:
         args = {"serve": ["Q:*q", "K:*q", "V:*q", "Out:*q", "Lse:*fp32", "Opart:*fp32", "Mpart:*fp32", "Lpart:*fp32",
-                          "CuQ:*i32", "KvInfo:*i32", "BlockTable:*i32"] + _strides("q", "thd")
+                          "Count:*i32", "CuQ:*i32", "KvInfo:*i32", "BlockTable:*i32"] + _strides("q", "thd")
                 + _strides("k", "pshd") + _strides("v", "pshd") + _strides("o", "thd") + ["stride_bt:i32"]
                 + ["H:i32", "H_KV:i32", "GROUP:i32", "n_rows:i32", "CHUNK:i32", "sm_scale:fp32"] + extra_args
                 + cx(["BLOCK_M", "BLOCK_N", "HP", "BLOCK_D1", "BLOCK_D2", "HAS_D2", "BLOCK_DV", "D_QK", "D_V", "PAGED",
-                      "PAGE", "SPLIT", "FAST_MATH", "DOT_PRECISION"]),
+                      "PAGE", "SPLIT", "MERGE", "FAST_MATH", "DOT_PRECISION"]),
                 "combine": ["Opart:*fp32", "Mpart:*fp32", "Lpart:*fp32", "Out:*q", "Lse:*fp32"] + _strides("o", "thd")
                 + ["n_rows:i32", "H:i32", "n_splits:i32"] + cx(["BLOCK_S", "BLOCK_DV", "D_V"])}
         knames = {"serve": "serve_kernel", "combine": "serve_combine"}

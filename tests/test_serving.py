@@ -53,11 +53,14 @@ def specs(tmp_path_factory) -> dict:
     return {k.name: (k, fn) for k, fn in compiled(d / "s.attn", d)}
 
 
-@pytest.mark.parametrize("split", [{"SPLITS": 1}, {"SPLITS": 3}, {"CHUNK": 1}], ids=str)
+@pytest.mark.parametrize("split", [{"SPLITS": 1}, {"SPLITS": 3}, {"SPLITS": 12}, {"CHUNK": 1}], ids=str)
 @pytest.mark.parametrize("q_len", [1, 4, 16])
 def test_decode_gqa_packed_and_split(specs, split, q_len):
     """q_len 1..16 per sequence, 4 query heads per KV head in one tile, with and without split-KV
-    (an even share of each tile's blocks, or a fixed number of blocks per split)."""
+    (an even share of each tile's blocks, or a fixed number of blocks per split); up to MERGE_MAX splits
+    merge in the tile's last split, more (12, some of them empty) in the combine kernel."""
+    mod = __import__(specs["sw"][1].__module__, fromlist=["MERGE_MAX"])
+    assert 3 <= mod.MERGE_MAX < 12
     kernel, fn = specs["sw"]
     shape = ServeShape(8, 2, (q_len,) * 3, (45, q_len, 23), 32, 32, page=8)
     r = check_serving(kernel, fn, shape, torch.float32, DEVICE, seed=q_len, config={**split, "BLOCK_N": 16})
