@@ -317,7 +317,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         mask_src=py(pl.mask) if pl.mask is not None else "(none)",
         score_src=py(user.score) if user.score is not None else "score",
         mask_lines=mp.lines, mask_expr=mask_expr, logit_lines=lp.lines, logit_expr=logit_expr,
-        logit_scale=logit_scale, logit_scale_py=py(pl.logit_scale) if pl.logit_scale else "1.0",
+        logit_scale=logit_scale, logit_scale_py=py(pl.logit_scale) if pl.logit_scale else None,
         dscore_lines=dp.lines, dscore_expr=dscore_expr, dscore_src=py(pl.dlogit),
         grads_doc=[f"{g.name}[{', '.join(py(i) for i in g.index)}] = {py(g.partial)}" for g in pl.input_grads],
         fwd=fwd, bwd=bwd, notes_fwd=notes_fwd, block_map=block_map, map_vars=map_vars, fine=fine,
