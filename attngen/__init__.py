@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 from .errors import AttnError, Span  # noqa: E402
 
-__all__ = ["AttnError", "Span", "__version__", "compile_file", "interpret", "load", "load_kernels"]
+__all__ = ["AttnError", "Span", "__version__", "compile_file", "interpret", "load", "load_kernels", "tune"]
 
 
 def load_kernels(path: str, layout: str | None = None):
@@ -42,3 +42,11 @@ def compile_file(path: str, out_dir: str, **options):
     from .runtime import compile_file as _compile_file
 
     return _compile_file(path, out_dir, **options)
+
+
+def tune(fn, *args, **kwargs):
+    """The fastest launch configuration of a generated attention function for these arguments (GPU
+    timing, cached on disk); pass it as `config=`. See attngen.autotune.tune."""
+    from .autotune import tune as _tune
+
+    return _tune(fn, *args, **kwargs)
