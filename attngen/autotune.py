@@ -58,6 +58,7 @@ def tune(fn: Callable, *args, backward: bool | None = None, candidates: dict | N
         timer = _do_bench
     base = dict(kwargs.pop("config", None) or {})
     kwargs.pop("block_map", None)  # each candidate builds its own: the map's tile follows the config
+    kwargs.pop("return_lse", None)  # the same kernels either way; the output alone is compared and timed
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if backward is None:
         backward = any(t.requires_grad for t in tensors[:3])
