@@ -159,3 +159,40 @@ def test_parser_tables_cache_survives_damage(tmp_path, monkeypatch):
     saved.write_bytes(b"not a parser")
     assert build().parse("attention a { mask q_idx >= kv_idx }\n")  # rebuilt
     assert saved.read_bytes() != b"not a parser"
+
+
+def test_tune_command(tmp_path, monkeypatch, capsys):
+    """`attngen tune`: random inputs of the given shape, the spec's param defaults (or --param), the
+    config printed as JSON; bad arguments exit 2 with a message."""
+    import json
+
+    from attngen import autotune, cli
+
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))
+    seen = {}
+
+    def fake_tune(fn, *args, backward=None, verbose=False, **kw):
+        seen.update(fn=fn.__name__, shapes=[tuple(a.shape) for a in args], backward=backward, kw=kw,
+                    grad=args[0].requires_grad)
+        return {"fwd": {"BLOCK_M": 64}}
+
+    monkeypatch.setattr(autotune, "tune", fake_tune)
+    spec = str(ROOT / "examples/sliding_window.attn")
+    assert cli.main(["tune", spec, "--shape", "2,4,2,96,32"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"fwd": {"BLOCK_M": 64}}
+    assert seen == dict(fn="sliding_window", shapes=[(2, 4, 96, 32), (2, 2, 96, 32), (2, 2, 96, 32)],
+                        backward=True, kw={"window": 256}, grad=True)
+    assert cli.main(["tune", spec, "--shape", "1,2,2,64,16", "--param", "window=8", "--fwd-only"]) == 0
+    assert seen["kw"] == {"window": 8} and seen["backward"] is False and not seen["grad"]
+    capsys.readouterr()
+    for argv, msg in ((["--shape", "1,2,64"], "expected B,H,H_KV,S,D"),
+                      (["--shape", "1,2,2,64,16", "--param", "width=3"], "NAME one of ['window']"),
+                      (["--shape", "1,2,2,64,16", "--name", "nope"], "no spec named 'nope'")):
+        assert cli.main(["tune", spec, *argv]) == 2
+        assert msg in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU message")
+def test_tune_command_needs_a_gpu():
+    r = _run("tune", str(ROOT / "examples/causal.attn"), "--shape", "1,2,2,64,16")
+    assert r.returncode == 2 and "timing needs a CUDA device" in r.stderr, r.stderr
