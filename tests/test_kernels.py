@@ -149,6 +149,39 @@ def test_call_validation(examples):
         examples["sliding_window"][1](q, q, q, window=2.5)
 
 
+@pytest.mark.parametrize("config, message", [
+    ({"num_warp": 4}, r"config\['num_warp'\]: expected one of BLOCK_M, .*, fwd, bwd, dkdv, dq, got 'num_warp'"),
+    ({"fwd": {"BLOCK_M": 48}}, r"config\['fwd'\]\['BLOCK_M'\]: expected a power of two from 16 to 256, got 48"),
+    ({"BLOCK_N": "64"}, r"config\['BLOCK_N'\]: expected a power of two from 16 to 256, got '64'"),
+    ({"dkdv": {"TMA": True}}, r"config\['dkdv'\]\['TMA'\]: .*not a key of the 'dkdv' section"),
+    ({"fwd": {"BLOCK_MAP": False}}, r"not a key of the 'fwd' section"),
+    ({"fwd": 3}, r"config\['fwd'\]: expected a dict of launch overrides, got int"),
+    ({"num_warps": True}, r"config\['num_warps'\]: expected 1, 2, 4, 8 or 16, got True"),
+    ({"num_stages": 0}, r"config\['num_stages'\]: expected an int from 1 to 8, got 0"),
+    ([("BLOCK_M", 64)], r"config: expected a dict of launch overrides, got list"),
+])
+def test_bad_config_names_the_problem(examples, config, message):
+    """A typo in a launch override is an error, not ignored; a bad value is caught before Triton."""
+    kernel, fn = examples["document"]
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    doc = torch.zeros(1, 8, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        fn(q, q, q, doc, config=config)
+    with pytest.raises(ValueError, match=message):
+        fn.block_map(q, q, q, doc, config=config)
+
+
+def test_good_configs_pass_validation(examples):
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    doc = torch.zeros(1, 8, dtype=torch.int32, device=DEVICE)
+    fn = examples["document"][1]
+    for config in ({"BLOCK_MAP": False, "I64": True}, {"bwd": {"num_warps": 4}, "dq": {"TMA": False}},
+                   {"fwd": {"BLOCK_M": 16, "BLOCK_N": 32, "num_stages": 1, "FAST_MATH": False}}):
+        fn(q, q, q, doc, config=config)
+    with pytest.raises(ValueError, match=r"config\['BLOCK_MAP'\]: expected one of"):  # no map in this spec
+        examples["causal"][1](q, q, q, config={"BLOCK_MAP": False})
+
+
 @pytest.mark.parametrize("name", ["relative_bias", "alibi", "temperature"])
 def test_deterministic_mode_is_bit_identical(examples, name):
     """deterministic=True: two runs give identical learnable-input gradients, and they are right."""

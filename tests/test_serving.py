@@ -191,6 +191,12 @@ def test_bad_calls_name_the_problem(specs):
     for args, what in cases:
         with pytest.raises(ValueError, match=what):
             fn(*args)
+    for config, what in (({"SPLIT": 2}, r"config\['SPLIT'\]: expected one of BLOCK_M, .*SPLITS, CHUNK, got"),
+                         ({"SPLITS": 0}, r"config\['SPLITS'\]: expected an int >= 1, got 0"),
+                         ({"HP": 3}, r"config\['HP'\]: expected a power of two from 1 to 64, got 3"),
+                         ({"fwd": {"BLOCK_N": 16}}, r"config\['fwd'\]: expected one of")):
+        with pytest.raises(ValueError, match=what):
+            fn(q, kc, kc, table, lens, config=config)
     from attngen.kvcache import PagedKVCache
 
     with pytest.raises(ValueError, match="page_size"):
