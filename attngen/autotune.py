@@ -49,9 +49,10 @@ def tune(fn: Callable, *args, backward: bool | None = None, candidates: dict | N
     if mod is None or not hasattr(mod, "_bwd_config"):
         raise ValueError(f"tune: {getattr(fn, '__name__', fn)!r} is not a generated attention function "
                          "(serving layouts are not tuned: their splits already follow the batch)")
-    q = args[0] if args else kwargs.get("q")
-    if not isinstance(q, torch.Tensor):
-        raise ValueError("tune: pass the call's arguments, q first")
+    if len(args) < 3 or not all(isinstance(a, torch.Tensor) for a in args[:3]):
+        raise ValueError("tune: pass the call's arguments as to the function: q, k, v (and the spec's input "
+                         "tensors) positionally, params by keyword")
+    q, k, v = args[:3]
     if timer is None:
         if q.device.type != "cuda":
             raise ValueError(f"tune: timing needs a CUDA device (q is on {q.device}); pass timer= to test")
@@ -59,9 +60,8 @@ def tune(fn: Callable, *args, backward: bool | None = None, candidates: dict | N
     base = dict(kwargs.pop("config", None) or {})
     kwargs.pop("block_map", None)  # each candidate builds its own: the map's tile follows the config
     kwargs.pop("return_lse", None)  # the same kernels either way; the output alone is compared and timed
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if backward is None:
-        backward = any(t.requires_grad for t in tensors[:3])
+        backward = any(t.requires_grad for t in (q, k, v))
     lists = {"fwd": FWD, "dkdv": DKDV, "dq": DQ, **(candidates or {})}
 
     key = _key(mod, fn, args, kwargs, base, backward, lists)
@@ -71,17 +71,18 @@ def tune(fn: Callable, *args, backward: bool | None = None, candidates: dict | N
     if key in table:
         return json.loads(json.dumps(table[key]["config"]))
 
-    dqk, dv = q.shape[-1], args[2].shape[-1] if len(args) > 2 else q.shape[-1]
-    tma = mod._forward_tma(args[1], args[2], base) if len(args) > 2 else False
-    default = {"fwd": mod._config(dqk, dv, q.device, None, tma), **mod._bwd_config(dqk, dv, q.device, None)}
+    dqk, dv = q.shape[-1], v.shape[-1]
+    default = {"fwd": mod._config(dqk, dv, q.device, None, mod._forward_tma(k, v, base)),
+               **mod._bwd_config(dqk, dv, q.device, None)}
     default = {k: _pick(v) for k, v in default.items()}
     grad_args = [a.detach().requires_grad_() if i < 3 and isinstance(a, torch.Tensor) else a
                  for i, a in enumerate(args)]
     gen = torch.Generator(device=q.device).manual_seed(0)
 
     def run(cfg: dict, with_grad: bool):
-        config = {**base, **cfg}
+        config = _merge(base, cfg)
         bmap = {"block_map": fn.block_map(*args, config=config, **kwargs)} if hasattr(fn, "block_map") else {}
+
         def forward():
             with torch.no_grad():
                 return fn(*args, config=config, **bmap, **kwargs)
@@ -95,8 +96,7 @@ def tune(fn: Callable, *args, backward: bool | None = None, candidates: dict | N
 
         return step if with_grad else forward
 
-    with torch.no_grad():
-        out0 = fn(*args, config={**base, **default}, **kwargs)
+    out0 = run(default, False)()
     dout = torch.randn(out0.shape, dtype=out0.dtype, device=q.device, generator=gen)
     best, report = dict(default), {}
     for kernel in ("fwd", "dkdv", "dq") if backward else ("fwd",):
@@ -132,12 +132,17 @@ def tune(fn: Callable, *args, backward: bool | None = None, candidates: dict | N
             win = first
         best[kernel] = dict(zip(KEYS, win))
         report[f"final {kernel}"] = {str(c): med[c] for c in finalists}
-    config = {**base, **best}
+    config = _merge(base, best)
     if path is not None:
         table = _read(path)  # another process may have written meanwhile
         table[key] = {"function": fn.__name__, "config": config, "ms": report}
         write_atomic(path, json.dumps(table, indent=1))
     return config
+
+
+def _merge(base: dict, tiles: dict) -> dict:
+    """The tuned tiles over the caller's own overrides: a section's other keys (TMA, ...) stay."""
+    return {**base, **{sec: {**base.get(sec, {}), **c} for sec, c in tiles.items()}}
 
 
 def _pick(cfg: dict) -> dict:

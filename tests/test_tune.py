@@ -86,8 +86,17 @@ def test_tune_rejects_a_config_that_computes_something_else(examples, tmp_path, 
     assert (cfg["fwd"]["BLOCK_M"], cfg["fwd"]["BLOCK_N"]) == (32, 16)
 
 
+def test_tune_keeps_the_callers_overrides(examples):
+    fn = examples["causal"][1]
+    cfg = attngen.tune(fn, *_inputs(5), config={"I64": True, "fwd": {"FAST_MATH": False, "BLOCK_N": 16}},
+                       candidates={"fwd": [(16, 16, 4, 1)]}, timer=lambda f: (f(), 1.0)[1], cache=False)
+    assert cfg["I64"] is True and cfg["fwd"]["FAST_MATH"] is False and set(cfg) == {"I64", "fwd", "dkdv", "dq"}
+
+
 def test_tune_errors(examples, build_dir):
     q, k, v = _inputs(3)
+    with pytest.raises(ValueError, match="positionally"):
+        attngen.tune(examples["causal"][1], q, k=k, v=v, timer=lambda f: 1.0)
     with pytest.raises(ValueError, match="not a generated attention function"):
         attngen.tune(torch.nn.functional.scaled_dot_product_attention, q, k, v)
     if DEVICE.type != "cuda":
