@@ -73,14 +73,14 @@ def _cmd_tune(a) -> int:
         print(f"error: --shape {a.shape!r}: expected B,H,H_KV,S,D (five integers)", file=sys.stderr)
         return 2
     params = {p.name: p.default for p in kernel.params if p.default is not None}
+    kinds = {p.name: p.type.value for p in kernel.params}
     for item in a.param or []:
         key, _, val = item.partition("=")
-        kinds = {p.name: p.type.value for p in kernel.params}
         if key not in kinds or not val:
             print(f"error: --param {item!r}: expected NAME=VALUE with NAME one of {sorted(kinds)}", file=sys.stderr)
             return 2
         params[key] = {"int": int, "float": float, "bool": lambda x: x.lower() in ("1", "true")}[kinds[key]](val)
-    missing = [p.name for p in kernel.params if p.name not in params]
+    missing = [n for n in kinds if n not in params]
     if missing:
         print(f"error: {name}: param {missing[0]} has no default: pass --param {missing[0]}=VALUE", file=sys.stderr)
         return 2
