@@ -52,7 +52,7 @@ def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128,
                   COLS=cols)
     d1 = max(16, 1 << (d_qk.bit_length() - 1))
     values.update(HP=1, BLOCK_D1=d1, BLOCK_D2=max(16, triton.next_power_of_2(max(d_qk - d1, 1))), HAS_D2=d_qk > d1,
-                  PAGED=True, PAGE=16, SPLIT=False, MERGE=False, BLOCK_S=8, TMA=False)
+                  PAGED=True, PAGE=16, SPLIT=False, MERGE=False, BLOCK_S=8, TMA=False, STAGES=2, REGS=232)
     values.update(constexprs or {})
     with _compiled_mode():
         mod = import_path(Path(path), f"attngen_aot_{Path(path).stem}_{os.getpid()}")
@@ -68,10 +68,14 @@ def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128,
                 sig[name] = f"*{dtype}" if ty == "*q" else ty
                 if aligned and (ty.startswith("*") or name.startswith("stride_") or name in ("q_len", "kv_len")):
                     attrs[(i,)] = [["tt.divisibility", 16]]  # what the JIT finds for contiguous tensors
-        k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
+        source = ASTSource
+        if getattr(fn, "is_gluon", lambda: False)():  # the Hopper forward (forward_sm90.py.jinja)
+            from triton.experimental.gluon._runtime import GluonASTSource as source
+            num_warps = 4  # its loader partition; the consumers bring their own warpgroups
+        k = triton.compile(source(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = k.asm["ptx"]
-    return {"ptx": ptx, "shared": k.metadata.shared, "wgmma": "wgmma" in ptx, "fast_tanh": "tanh.approx.f32" in ptx,
+    return {"ptx": ptx, "shared": k.metadata.shared, "wgmma": "wgmma" in ptx, "setmaxnreg": "setmaxnreg" in ptx, "fast_tanh": "tanh.approx.f32" in ptx,
             "tma": "cp.async.bulk.tensor" in ptx, "cp_async": "cp.async.ca" in ptx or "cp.async.cg" in ptx,
             "fits": k.metadata.shared <= H100_SHARED_BYTES}
 

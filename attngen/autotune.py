@@ -75,6 +75,9 @@ def tune(fn: Callable, *args, backward: bool | None = None, candidates: dict | N
     default = {"fwd": mod._config(dqk, dv, q.device, None, mod._forward_tma(k, v, base)),
                **mod._bwd_config(dqk, dv, q.device, None)}
     default = {k: _pick(v) for k, v in default.items()}
+    # the Gluon Hopper forward (where it runs by default) has no tiles to tune: it is the forward's first
+    # candidate, and the Triton tilings compete with it (GLUON=False)
+    gluon = hasattr(mod, "_sm90") and mod._sm90(q, k, v, mod._empty_out(q, v), base, None)
     grad_args = [a.detach().requires_grad_() if i < 3 and isinstance(a, torch.Tensor) else a
                  for i, a in enumerate(args)]
     gen = torch.Generator(device=q.device).manual_seed(0)
@@ -102,11 +105,11 @@ def tune(fn: Callable, *args, backward: bool | None = None, candidates: dict | N
     for kernel in ("fwd", "dkdv", "dq") if backward else ("fwd",):
         with_grad = kernel != "fwd"
         ref = _outputs(run(best, with_grad))
-        first = tuple(default[kernel][k] for k in KEYS)
+        first = GLUON if gluon and kernel == "fwd" else tuple(default[kernel][k] for k in KEYS)
         runs, times = {}, {}  # candidate -> its timed function; its first-pass ms
         for cand in dict.fromkeys([first, *lists[kernel]]):
             try:
-                f = run({**best, kernel: dict(zip(KEYS, cand))}, with_grad)
+                f = run({**best, kernel: _settings(cand, gluon and kernel == "fwd")}, with_grad)
                 if not _agrees(_outputs(f), ref):
                     report[f"{kernel} {cand}"] = "rejected: outputs differ from the default configuration's"
                     continue
@@ -130,7 +133,7 @@ def tune(fn: Callable, *args, backward: bool | None = None, candidates: dict | N
         win = min(finalists, key=med.get)
         if med[win] > med[first] * (1 - MARGIN):
             win = first
-        best[kernel] = dict(zip(KEYS, win))
+        best[kernel] = _settings(win, gluon and kernel == "fwd")
         report[f"final {kernel}"] = {str(c): med[c] for c in finalists}
     config = _merge(base, best)
     if path is not None:
@@ -143,6 +146,16 @@ def tune(fn: Callable, *args, backward: bool | None = None, candidates: dict | N
 def _merge(base: dict, tiles: dict) -> dict:
     """The tuned tiles over the caller's own overrides: a section's other keys (TMA, ...) stay."""
     return {**base, **{sec: {**base.get(sec, {}), **c} for sec, c in tiles.items()}}
+
+
+GLUON = "gluon"  # the forward candidate that is the Gluon Hopper kernel
+
+
+def _settings(cand, gluon: bool) -> dict:
+    """A candidate's config section: GLUON, or a Triton tiling (which says GLUON=False where Gluon could run)."""
+    if cand == GLUON:
+        return {"GLUON": True}
+    return {**dict(zip(KEYS, cand)), **({"GLUON": False} if gluon else {})}
 
 
 def _pick(cfg: dict) -> dict:

@@ -21,7 +21,8 @@ def test_module_is_deterministic_and_self_contained(path):
         tree = ast.parse(code)
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-        assert imported <= {"functools", "math", "torch", "triton", "triton.language"}, imported
+        assert imported <= {"functools", "math", "torch", "triton", "triton.language", "triton.experimental",
+                            "triton.experimental.gluon", "triton.experimental.gluon.language.nvidia.hopper"}, imported
         doc = ast.get_docstring(tree)
         assert f"attention {name}" in doc and "Constexprs" in doc and "segment" in doc and "d score / d qk" in doc
         assert f"def {name}(" in code and "class _Attention(torch.autograd.Function)" in code
@@ -69,6 +70,10 @@ SM90_JOBS = (dict(kernel="fwd", dtype="fp16", d_qk=128, d_v=128, num_warps=8),
              dict(kernel="fwd", dtype="bf16", d_qk=128, d_v=128, num_warps=8, i64=True))
 
 
+GLUON_JOBS = {f"gluon {dtype} D={d}": dict(kernel="fwd_sm90", dtype=dtype, d_qk=d, d_v=d, block_m=128, block_n=128)
+              for dtype, d in (("bf16", 128), ("fp16", 64))}
+
+
 def test_sm90_jobs_are_the_bwd_defaults(examples):
     """The sm_90 build checks the backward launch configurations the GPU gets by default."""
     import torch
@@ -96,6 +101,10 @@ def sm90_builds(tmp_path_factory):
                 if job["kernel"] in ("dkdv", "dq"):
                     jobs.append({"path": str(mod), **job, "num_stages": job["num_stages"] - 1})
                     keys.append((mod.stem, f"{job['kernel']}, a stage fewer"))
+            if "_fwd_sm90_kernel" in mod.read_text():  # the Gluon Hopper forward, at the host's tiles
+                for label, job in GLUON_JOBS.items():
+                    jobs.append({"path": str(mod), **job})
+                    keys.append((mod.stem, label))
             if "_blockmap_kernel" in mod.read_text():  # the runtime block map's kernels, and the sympy path
                 for label, job in (("blockmap", dict(kernel="blockmap", block_m=64, block_n=64, num_warps=4)),
                                    ("blocklists", dict(kernel="blocklists", ratio=(2, 1), cols=128, num_warps=4)),
@@ -127,7 +136,10 @@ def test_builds_for_sm90(sm90_builds, name):
         if numbered and not no_dot and SM90_JOBS[i].get("num_stages", 2) > 1:
             # loads from global memory are software-pipelined (needs the constexpr head-dim strides)
             assert r["cp_async"] or r["tma"], f"{name} job {i}: loads not pipelined"
-        if name in ("softcap", "gemma_local", "gemma_global") and numbered and not no_dot:
+        gluon = i in GLUON_JOBS
+        if gluon:  # warp-specialized: TMA loads, and setmaxnreg moving registers to the consumers
+            assert r["tma"] and r["setmaxnreg"], f"{name} {i}: not the warp-specialized TMA kernel"
+        if name in ("softcap", "gemma_local", "gemma_global") and (numbered or gluon) and not no_dot:
             assert r["fast_tanh"], f"{name} job {i}: 16-bit kernels should use tanh.approx.f32"
 
 
@@ -219,7 +231,8 @@ def test_skewed_masks_run_heaviest_first(spec, expected):
     _heaviest_first; banded and uniform masks keep the plain grid order."""
     code = compile_source(f"attention m {{ {spec} }}")["m"]
     assert ("i_n, i_bhk = _heaviest_first(8)" in code) is expected
-    assert (code.count("j, i_bh = _heaviest_first(8)") == 2) is expected
+    # forward, dQ, and the Gluon forward where the module has one
+    assert (code.count("j, i_bh = _heaviest_first(8)") == 2 + ("_fwd_sm90_kernel" in code)) is expected
 
 
 @pytest.mark.parametrize("n0, n1", [(1, 1), (5, 3), (8, 4), (17, 2), (64, 32), (10, 7)])
