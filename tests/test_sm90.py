@@ -1,0 +1,129 @@
+"""The Gluon Hopper forward's host side: when it runs, what config says, and how tune treats it. The kernel
+itself needs an H100 (benchmarks/gpu_check.py checks it there against the interpreter); its sm_90 build is
+checked in test_codegen."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+import attngen
+
+
+def _mod(examples, name: str):
+    return sys.modules[examples[name][1].__module__]
+
+
+def _qkv(dtype=torch.bfloat16, d_qk: int = 64, d_v: int = 64):
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 64, d_qk, generator=g).to(dtype) for _ in range(2))
+    v = torch.randn(1, 2, 64, d_v, generator=g).to(dtype)
+    return q, k, v, torch.empty(1, 2, 64, d_v, dtype=dtype)
+
+
+@pytest.fixture
+def hopper(examples, monkeypatch):
+    """Pretend q lives on an H100 (the other conditions are checked for real)."""
+    for name in ("causal", "sliding_window"):
+        monkeypatch.setattr(_mod(examples, name), "_major", lambda t: 9)
+
+
+def test_sm90_runs_where_it_can_and_says_why_not(examples, hopper):
+    mod = _mod(examples, "causal")
+    if not mod._GLUON:
+        pytest.skip("this Triton has no Gluon")
+    q, k, v, out = _qkv()
+    assert mod._sm90(q, k, v, out, None, None)
+    assert mod._sm90(*_qkv(torch.float16, 128, 128), {"fwd": {"GLUON": True}}, None)
+    # kept on the Triton forward: asked to, the Triton forward's own launch keys, a trace
+    for config, trace in (({"GLUON": False}, None), ({"fwd": {"GLUON": False}}, None), ({"BLOCK_M": 64}, None),
+                          ({"fwd": {"num_warps": 4}}, None), (None, {"fwd": object()})):
+        assert not mod._sm90(q, k, v, out, config, trace)
+    # cannot run: False by default, and a ValueError naming the reason when GLUON=True insists
+    cases = [(_qkv(torch.float32), "float16 or bfloat16"), (_qkv(d_qk=64, d_v=128), "head dims"),
+             (_qkv(d_qk=96, d_v=96), "head dims"),
+             ((q.transpose(2, 3).contiguous().transpose(2, 3), k, v, out), "16-byte aligned")]
+    for args, why in cases:
+        assert not mod._sm90(*args, None, None)
+        with pytest.raises(ValueError, match=why):
+            mod._sm90(*args, {"GLUON": True}, None)
+
+
+def test_sm90_needs_hopper(examples):
+    mod = _mod(examples, "causal")
+    q, k, v, out = _qkv()  # on the CPU (or a non-Hopper GPU in a GPU run)
+    if mod._major(q) != 9:
+        assert not mod._sm90(q, k, v, out, None, None)
+        with pytest.raises(ValueError, match="compute capability 9"):
+            examples["causal"][1](q, k, v, config={"GLUON": True})
+
+
+def test_banded_masks_keep_the_triton_forward_unless_asked(examples, hopper):
+    mod = _mod(examples, "sliding_window")
+    if not mod._GLUON:
+        pytest.skip("this Triton has no Gluon")
+    assert mod.BANDED
+    assert not mod._sm90(*_qkv(), None, None)
+    assert mod._sm90(*_qkv(), {"GLUON": True}, None)
+
+
+def test_gluon_is_a_forward_key_only(examples):
+    fn = examples["causal"][1]
+    q, k, v, _ = _qkv(torch.float32)
+    for bad in ({"dq": {"GLUON": True}}, {"dkdv": {"GLUON": False}}, {"GLUON": 1}):
+        with pytest.raises(ValueError, match="GLUON"):
+            fn(q, k, v, config=bad)
+    fn(q, k, v, config={"GLUON": False})  # accepted at the top level and in "fwd"
+    fn(q, k, v, config={"fwd": {"GLUON": False}})
+
+
+def _fake_gluon(mod, name: str, launched: list):
+    """Stand-in for the Gluon kernel's launch on a machine without a Hopper: the Triton forward computes it."""
+    class Launcher:
+        def __getitem__(self, grid):
+            def launch(*args, STAGES, REGS, **kw):  # noqa: N803 - the kernel's constexpr names
+                launched.append(grid)
+                return getattr(mod, f"{name}_fwd_kernel")[grid](*args, **kw)
+            return launch
+    return Launcher()
+
+
+@pytest.mark.parametrize("gluon_ms, winner", [(1.0, "gluon"), (3.0, (32, 16))])
+def test_tune_puts_the_gluon_forward_first(examples, tmp_path, monkeypatch, gluon_ms, winner):
+    """Where the Gluon forward runs by default it is the forward's first candidate; Triton tilings compete
+    with GLUON=False, and the result says which kernel won."""
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))
+    fn = examples["causal"][1]
+    mod = sys.modules[fn.__module__]
+    launched: list = []
+    monkeypatch.setattr(mod, "causal_fwd_sm90_kernel", _fake_gluon(mod, "causal", launched))
+
+    def on_hopper(q, k, v, out, config, trace):  # _sm90's config logic, as on an H100
+        cfg = mod._override(config, "fwd")
+        return cfg.get("GLUON") is not False and not any(key in cfg for key in mod._TRITON_LAUNCH)
+    monkeypatch.setattr(mod, "_sm90", on_hopper)
+    log: list = []
+
+    def call(*a, config=None, **kw):
+        log.append(config)
+        return fn(*a, config=config, **kw)
+    call.__module__, call.__name__ = fn.__module__, fn.__name__
+
+    def timer(f):
+        f()
+        sec = log[-1]["fwd"]
+        return gluon_ms if sec.get("GLUON") else {(32, 16): 1.0}.get((sec["BLOCK_M"], sec["BLOCK_N"]), 2.0)
+
+    q, k, v, _ = _qkv(torch.float32, 16, 16)
+    cfg = attngen.tune(call, q, k, v, candidates={"fwd": [(16, 16, 4, 1), (32, 16, 4, 1)]}, timer=timer,
+                       backward=False)
+    assert launched, "the Gluon candidate was never run"
+    if winner == "gluon":
+        assert cfg["fwd"] == {"GLUON": True}
+    else:
+        assert cfg["fwd"] == {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1, "GLUON": False}
+        n = len(launched)
+        fn(q, k, v, config=cfg)
+        assert len(launched) == n  # the tuned config keeps the Triton forward
