@@ -70,12 +70,15 @@ def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128,
                     attrs[(i,)] = [["tt.divisibility", 16]]  # what the JIT finds for contiguous tensors
         source = ASTSource
         if getattr(fn, "is_gluon", lambda: False)():  # the Hopper forward (forward_sm90.py.jinja)
-            from triton.experimental.gluon._runtime import GluonASTSource as source
-            num_warps = 4  # its loader partition; the consumers bring their own warpgroups
+            from triton.experimental.gluon._runtime import GluonASTSource
+
+            source, num_warps = GluonASTSource, 4  # 4: its loader; the consumers bring their own warpgroups
         k = triton.compile(source(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = k.asm["ptx"]
-    return {"ptx": ptx, "shared": k.metadata.shared, "wgmma": "wgmma" in ptx, "setmaxnreg": "setmaxnreg" in ptx, "fast_tanh": "tanh.approx.f32" in ptx,
+    return {"ptx": ptx, "shared": k.metadata.shared, "wgmma": "wgmma" in ptx,
+            "setmaxnreg": "setmaxnreg" in ptx,  # warp specialization moving registers to the consumers
+            "fast_tanh": "tanh.approx.f32" in ptx,
             "tma": "cp.async.bulk.tensor" in ptx, "cp_async": "cp.async.ca" in ptx or "cp.async.cg" in ptx,
             "fits": k.metadata.shared <= H100_SHARED_BYTES}
 
