@@ -284,7 +284,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     knames = {"fwd": "fwd_kernel", "dkdv": "bwd_dkdv_kernel", "dq": "bwd_dq_kernel"}
     sm90 = not block_map and k.layout.kind not in SERVING  # the Gluon forward (block maps: not yet)
     if sm90:
-        args["fwd_sm90"] = args["fwd"] + cx(["STAGES", "REGS", "PINGPONG"])
+        args["fwd_sm90"] = args["fwd"] + cx(["STAGES", "REGS"])
         knames["fwd_sm90"] = "fwd_sm90_kernel"
     if block_map:
         args["blockmap"] = ["State:*i8", "q_len:i32", "kv_len:i32", "H_MAP:i32"] + extra_args \
