@@ -75,9 +75,12 @@ def tune(fn: Callable, *args, backward: bool | None = None, candidates: dict | N
     default = {"fwd": mod._config(dqk, dv, q.device, None, mod._forward_tma(k, v, base)),
                **mod._bwd_config(dqk, dv, q.device, None)}
     default = {k: _pick(v) for k, v in default.items()}
-    # the Gluon Hopper forward (where it runs by default) has no tiles to tune: it is the forward's first
+    # the Gluon Hopper kernels (where they run by default) have no tiles to tune: each is its kernel's first
     # candidate, and the Triton tilings compete with it (GLUON=False)
-    gluon = hasattr(mod, "_sm90") and mod._sm90(q, k, v, mod._empty_out(q, v), base, None)
+    out_like, k_like, v_like = (mod._empty_out(q, v), *(torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                                                      for t in (k, v)))
+    gluon = {"fwd": hasattr(mod, "_sm90") and mod._sm90(q, k, v, out_like, base, None),
+             "dkdv": hasattr(mod, "_sm90_dkdv") and mod._sm90_dkdv(q, k, v, out_like, k_like, v_like, base, None)}
     grad_args = [a.detach().requires_grad_() if i < 3 and isinstance(a, torch.Tensor) else a
                  for i, a in enumerate(args)]
     gen = torch.Generator(device=q.device).manual_seed(0)
@@ -105,11 +108,11 @@ def tune(fn: Callable, *args, backward: bool | None = None, candidates: dict | N
     for kernel in ("fwd", "dkdv", "dq") if backward else ("fwd",):
         with_grad = kernel != "fwd"
         ref = _outputs(run(best, with_grad))
-        first = GLUON if gluon and kernel == "fwd" else tuple(default[kernel][k] for k in KEYS)
+        first = GLUON if gluon.get(kernel) else tuple(default[kernel][k] for k in KEYS)
         runs, times = {}, {}  # candidate -> its timed function; its first-pass ms
         for cand in dict.fromkeys([first, *lists[kernel]]):
             try:
-                f = run({**best, kernel: _settings(cand, gluon and kernel == "fwd")}, with_grad)
+                f = run({**best, kernel: _settings(cand, gluon.get(kernel, False))}, with_grad)
                 if not _agrees(_outputs(f), ref):
                     report[f"{kernel} {cand}"] = "rejected: outputs differ from the default configuration's"
                     continue
@@ -133,7 +136,7 @@ def tune(fn: Callable, *args, backward: bool | None = None, candidates: dict | N
         win = min(finalists, key=med.get)
         if med[win] > med[first] * (1 - MARGIN):
             win = first
-        best[kernel] = _settings(win, gluon and kernel == "fwd")
+        best[kernel] = _settings(win, gluon.get(kernel, False))
         report[f"final {kernel}"] = {str(c): med[c] for c in finalists}
     config = _merge(base, best)
     if path is not None:
@@ -148,7 +151,7 @@ def _merge(base: dict, tiles: dict) -> dict:
     return {**base, **{sec: {**base.get(sec, {}), **c} for sec, c in tiles.items()}}
 
 
-GLUON = "gluon"  # the forward candidate that is the Gluon Hopper kernel
+GLUON = "gluon"  # the candidate that is a kernel's Gluon Hopper version (forward, dK/dV)
 
 
 def _settings(cand, gluon: bool) -> dict:

@@ -282,10 +282,17 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
              + map_cx),
     }
     knames = {"fwd": "fwd_kernel", "dkdv": "bwd_dkdv_kernel", "dq": "bwd_dq_kernel"}
-    sm90 = not block_map and k.layout.kind not in SERVING  # the Gluon forward (block maps: not yet)
+    sm90 = not block_map and k.layout.kind not in SERVING  # the Gluon kernels (block maps: not yet)
+    # the Gluon dK/dV consumer holds dK, dV and two score tiles in registers: a score that reads positions keeps
+    # index tiles live too and spills (ALiBi's backward: 4.21 ms against 3.65 for the Triton dK/dV,
+    # results/2026-11-27-h100-gluon-regs.json)
+    sm90_dkdv = sm90 and not ({"q_idx", "kv_idx"} & (pl.logit.vars() | pl.dlogit.vars()))
     if sm90:
         args["fwd_sm90"] = args["fwd"] + cx(["STAGES", "REGS"])
         knames["fwd_sm90"] = "fwd_sm90_kernel"
+    if sm90_dkdv:
+        args["dkdv_sm90"] = args["dkdv"] + cx(["STAGES", "REGS"])
+        knames["dkdv_sm90"] = "bwd_dkdv_sm90_kernel"
     if block_map:
         args["blockmap"] = ["State:*i8", "q_len:i32", "kv_len:i32", "H_MAP:i32"] + extra_args \
             + cx(["BLOCK_M", "BLOCK_N"])
@@ -325,7 +332,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         dscore_lines=dp.lines, dscore_expr=dscore_expr, dscore_src=py(pl.dlogit),
         grads_doc=[f"{g.name}[{', '.join(py(i) for i in g.index)}] = {py(g.partial)}" for g in pl.input_grads],
         fwd=fwd, bwd=bwd, notes_fwd=notes_fwd, block_map=block_map, map_vars=map_vars, fine=fine,
-        banded=band, sm90=sm90,
+        banded=band, sm90=sm90, sm90_dkdv=sm90_dkdv,
         longest_first=not band and skewed(pl),
         map_code=_map_kernel_code(len(pl.segments)) if block_map else {}, notes_bwd=notes_bwd,
         input_grads=list(pl.input_grads), input_grad_lines=grad_lines,

@@ -70,8 +70,8 @@ SM90_JOBS = (dict(kernel="fwd", dtype="fp16", d_qk=128, d_v=128, num_warps=8),
              dict(kernel="fwd", dtype="bf16", d_qk=128, d_v=128, num_warps=8, i64=True))
 
 
-GLUON_JOBS = {f"gluon {dtype} D={d}": dict(kernel="fwd_sm90", dtype=dtype, d_qk=d, d_v=d, block_m=128, block_n=128)
-              for dtype, d in (("bf16", 128), ("fp16", 64))}
+GLUON_JOBS = {f"gluon {kern} {dtype} D={d}": dict(kernel=kern, dtype=dtype, d_qk=d, d_v=d, block_m=bm, block_n=128)
+              for kern, bm in (("fwd_sm90", 128), ("dkdv_sm90", 64)) for dtype, d in (("bf16", 128), ("fp16", 64))}
 
 
 def test_sm90_jobs_are_the_bwd_defaults(examples):
@@ -101,8 +101,8 @@ def sm90_builds(tmp_path_factory):
                 if job["kernel"] in ("dkdv", "dq"):
                     jobs.append({"path": str(mod), **job, "num_stages": job["num_stages"] - 1})
                     keys.append((mod.stem, f"{job['kernel']}, a stage fewer"))
-            if "_fwd_sm90_kernel" in mod.read_text():  # the Gluon Hopper forward, at the host's tiles
-                for label, job in GLUON_JOBS.items():
+            for label, job in GLUON_JOBS.items():  # the Gluon Hopper kernels the module has, at the host's tiles
+                if f'    "{job["kernel"]}": (' in mod.read_text():  # its KERNELS entry
                     jobs.append({"path": str(mod), **job})
                     keys.append((mod.stem, label))
             if "_blockmap_kernel" in mod.read_text():  # the runtime block map's kernels, and the sympy path
@@ -233,6 +233,7 @@ def test_skewed_masks_run_heaviest_first(spec, expected):
     assert ("i_n, i_bhk = _heaviest_first(8)" in code) is expected
     # forward, dQ, and the Gluon forward where the module has one
     assert (code.count("j, i_bh = _heaviest_first(8)") == 2 + ("_fwd_sm90_kernel" in code)) is expected
+    assert code.count("i_n, i_bhk = _heaviest_first(8)") == (1 + ("_bwd_dkdv_sm90_kernel" in code)) * expected
 
 
 @pytest.mark.parametrize("n0, n1", [(1, 1), (5, 3), (8, 4), (17, 2), (64, 32), (10, 7)])

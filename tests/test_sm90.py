@@ -1,6 +1,6 @@
-"""The Gluon Hopper forward's host side: when it runs, what config says, and how tune treats it. The kernel
-itself needs an H100 (benchmarks/gpu_check.py checks it there against the interpreter); its sm_90 build is
-checked in test_codegen."""
+"""The Gluon Hopper kernels' host side (forward, dK/dV): when they run, what config says, what they are passed,
+and how tune treats them. The kernels themselves need an H100 (benchmarks/gpu_check.py checks them there
+against the interpreter); their sm_90 builds are checked in test_codegen."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _qkv(dtype=torch.bfloat16, d_qk: int = 64, d_v: int = 64):
 @pytest.fixture
 def hopper(examples, monkeypatch):
     """Pretend q lives on an H100 (the other conditions are checked for real)."""
-    for name in ("causal", "sliding_window"):
+    for name in ("causal", "sliding_window", "alibi"):
         monkeypatch.setattr(_mod(examples, name), "_major", lambda t: 9)
 
 
@@ -69,14 +69,48 @@ def test_banded_masks_keep_the_triton_forward_unless_asked(examples, hopper):
     assert mod._sm90(*_qkv(), {"GLUON": True}, None)
 
 
-def test_gluon_is_a_forward_key_only(examples):
+def test_gluon_keys(examples):
+    """GLUON is a key of the kernels that have a Gluon version: the forward, and dK/dV where the module has one."""
     fn = examples["causal"][1]
     q, k, v, _ = _qkv(torch.float32)
-    for bad in ({"dq": {"GLUON": True}}, {"dkdv": {"GLUON": False}}, {"GLUON": 1}):
+    for bad in ({"dq": {"GLUON": True}}, {"GLUON": 1}):
         with pytest.raises(ValueError, match="GLUON"):
             fn(q, k, v, config=bad)
-    fn(q, k, v, config={"GLUON": False})  # accepted at the top level and in "fwd"
-    fn(q, k, v, config={"fwd": {"GLUON": False}})
+    for good in ({"GLUON": False}, {"fwd": {"GLUON": False}}, {"bwd": {"GLUON": False}}, {"dkdv": {"GLUON": False}}):
+        fn(q, k, v, config=good)
+    # ALiBi's score reads positions: no Gluon dK/dV kernel (codegen's sm90_dkdv), so no such key either
+    alibi = examples["alibi"][1]
+    assert not hasattr(_mod(examples, "alibi"), "alibi_bwd_dkdv_sm90_kernel")
+    with pytest.raises(ValueError, match="GLUON"):
+        alibi(q, k, v, torch.rand(2), config={"dkdv": {"GLUON": False}})
+
+
+def _bwd_tensors(dtype=torch.bfloat16, d: int = 64, sq: int = 64):
+    q, k, v, out = _qkv(dtype, d, d)
+    q = q[:, :, :sq]
+    return q, k, v, out[:, :, :sq], torch.empty_like(k), torch.empty_like(v)
+
+
+def test_sm90_dkdv_rules(examples, hopper):
+    mod = _mod(examples, "causal")
+    if not mod._GLUON:
+        pytest.skip("this Triton has no Gluon")
+    ts = _bwd_tensors()
+    assert mod._sm90_dkdv(*ts, None, False)
+    assert mod._sm90_dkdv(*_bwd_tensors(torch.float16, 128), {"dkdv": {"GLUON": True}}, False)
+    assert mod._sm90_dkdv(*ts, {"fwd": {"GLUON": False}}, False)  # the forward's key only
+    for config, trace in (({"GLUON": False}, False), ({"bwd": {"GLUON": False}}, False),
+                          ({"dkdv": {"GLUON": False}}, False), ({"dkdv": {"BLOCK_N": 64}}, False),
+                          ({"bwd": {"num_warps": 4}}, False), ({"num_stages": 2}, False), (None, True)):
+        assert not mod._sm90_dkdv(*ts, config, trace)
+    assert not mod._sm90_dkdv(*_bwd_tensors(sq=0), {"GLUON": True}, False)  # no queries: the Triton kernel's zeros
+    with pytest.raises(ValueError, match="dK/dV kernel needs float16 or bfloat16"):
+        mod._sm90_dkdv(*_bwd_tensors(torch.float32), {"dkdv": {"GLUON": True}}, False)
+    q, k, v, dout, dk, dv = ts
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        mod._sm90_dkdv(q, k, v, dout.transpose(2, 3).contiguous().transpose(2, 3), dk, dv, {"GLUON": True}, False)
+    sw = _mod(examples, "sliding_window")
+    assert sw.BANDED and not sw._sm90_dkdv(*ts, None, False) and sw._sm90_dkdv(*ts, {"GLUON": True}, False)
 
 
 def _fake_gluon(mod, name: str, launched: list):
@@ -127,3 +161,82 @@ def test_tune_puts_the_gluon_forward_first(examples, tmp_path, monkeypatch, gluo
         n = len(launched)
         fn(q, k, v, config=cfg)
         assert len(launched) == n  # the tuned config keeps the Triton forward
+
+
+def _fake_gluon_dkdv(mod, name: str, launched: list):
+    """Stand-in for the Gluon dK/dV launch: the Triton dK/dV kernel on the same arguments, except that the
+    Gluon kernel's Mrow already holds m + log2(l) and it never reads Lrow, so Lrow goes in as zeros."""
+    class Launcher:
+        def __getitem__(self, grid):
+            def launch(*args, STAGES, REGS, **kw):  # noqa: N803 - the kernel's constexpr names
+                launched.append((grid, kw["BLOCK_M"], kw["BLOCK_N"]))
+                args = list(args)
+                args[5] = torch.zeros_like(args[5])
+                return getattr(mod, f"{name}_bwd_dkdv_kernel")[grid](*args, **kw)
+            return launch
+    return Launcher()
+
+
+def _gluon_unless_false(q, k, v, dout, dk, dv, config, trace):  # _sm90_dkdv's config logic, as on an H100
+    return (config or {}).get("GLUON") is not False
+
+
+def test_the_gluon_dkdv_launch(examples, monkeypatch):
+    """The host's Gluon dK/dV launch (grid, tiles, arguments, Mrow = m + log2 l), through a stand-in that
+    computes with the Triton kernel: the gradients equal those of the Triton backward."""
+    fn = examples["causal"][1]
+    mod = sys.modules[fn.__module__]
+    launched: list = []
+    monkeypatch.setattr(mod, "causal_bwd_dkdv_sm90_kernel", _fake_gluon_dkdv(mod, "causal", launched))
+    monkeypatch.setattr(mod, "_sm90_dkdv", _gluon_unless_false)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 200, 16, generator=g).requires_grad_() for _ in range(3))  # 2 key blocks of 128
+    dout = torch.randn(1, 2, 200, 16, generator=g)
+
+    def grads(config):
+        for t in (q, k, v):
+            t.grad = None
+        fn(q, k, v, config=config).backward(dout)
+        return [t.grad.clone() for t in (q, k, v)]
+    got = grads(None)
+    assert launched == [((2, 2), 64, 128)]
+    want = grads({"GLUON": False})
+    assert len(launched) == 1
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("gluon_ms, winner", [(1.0, "gluon"), (3.0, (32, 32))])
+def test_tune_puts_the_gluon_dkdv_first(examples, tmp_path, monkeypatch, gluon_ms, winner):
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))
+    fn = examples["causal"][1]
+    mod = sys.modules[fn.__module__]
+    launched: list = []
+    monkeypatch.setattr(mod, "causal_bwd_dkdv_sm90_kernel", _fake_gluon_dkdv(mod, "causal", launched))
+
+    def on_hopper(q, k, v, dout, dk, dv, config, trace):
+        cfg = mod._override(config, "bwd", "dkdv")
+        return cfg.get("GLUON") is not False and not any(key in cfg for key in mod._TRITON_LAUNCH)
+    monkeypatch.setattr(mod, "_sm90_dkdv", on_hopper)
+    log: list = []
+
+    def call(*a, config=None, **kw):
+        log.append(config)
+        return fn(*a, config=config, **kw)
+    call.__module__, call.__name__ = fn.__module__, fn.__name__
+
+    def timer(f):
+        f()
+        sec = log[-1]["dkdv"]
+        return gluon_ms if sec.get("GLUON") else {(32, 32): 1.0}.get((sec.get("BLOCK_M"), sec.get("BLOCK_N")), 2.0)
+
+    q, k, v, _ = _qkv(torch.float32, 16, 16)
+    for t in (q, k, v):
+        t.requires_grad_()
+    cfg = attngen.tune(call, q, k, v, candidates={"fwd": [], "dq": [], "dkdv": [(32, 32, 4, 1), (16, 16, 4, 1)]},
+                       timer=timer)
+    assert launched, "the Gluon dK/dV candidate was never run"
+    if winner == "gluon":
+        assert cfg["dkdv"] == {"GLUON": True}
+    else:
+        assert cfg["dkdv"] == {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "GLUON": False}
