@@ -39,6 +39,7 @@ Rows are a list of `AttnRow`; each kind of row has one function in `RUNNERS` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -305,6 +306,28 @@ def dense_reference(q, k, v, dout, mask_mod, score_mod, dtype, grad: bool) -> di
     return res
 
 
+@contextlib.contextmanager
+def kernels_run(fn: Callable):
+    """The generated kernels that launch inside the block, by name without the spec's prefix (e.g.
+    fwd_sm90_kernel: the Gluon Hopper forward; bwd_dkdv_kernel: the Triton dK/dV), in launch order."""
+    mod = sys.modules[fn.__module__]
+    names: list[str] = []
+    real = mod._launch
+
+    def spy(kernel, grid, *args, **kw):
+        name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "?")
+        short = name.removeprefix(f"{fn.__name__}_")
+        if short not in names:
+            names.append(short)
+        return real(kernel, grid, *args, **kw)
+
+    mod._launch = spy
+    try:
+        yield names
+    finally:
+        mod._launch = real
+
+
 def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     e = float((a.float() - ref).abs().max())
     return e if math.isfinite(e) else math.inf  # NaN never passes
@@ -396,7 +419,8 @@ def bench_attention(row: AttnRow, env: Env) -> dict:
     density = ref.pop("visible") / (B * Hq * S * S)
     r["density"] = density
     if env.bwd:
-        got, r["first_call_s"] = first_call_s(env, lambda: run_grad(ours, q, k, v, dout))
+        with kernels_run(fn) as r["kernels"]:
+            got, r["first_call_s"] = first_call_s(env, lambda: run_grad(ours, q, k, v, dout))
         if env.flex_bwd:
             base, r["flex_first_call_s"] = first_call_s(env, lambda: run_grad(flex, q, k, v, dout))
         else:  # flex_attention has no CPU backward: the eager dense path in the same dtype stands in
@@ -405,7 +429,7 @@ def bench_attention(row: AttnRow, env: Env) -> dict:
                 base["out"] = flex(q, k, v)
             r["notes"].append(f"gradient baseline: dense {r['dtype']} (no Flex backward on {dev.type})")
     else:
-        with torch.no_grad():
+        with torch.no_grad(), kernels_run(fn) as r["kernels"]:
             got, r["first_call_s"] = first_call_s(env, lambda: {"out": ours(q, k, v)})
             base, r["flex_first_call_s"] = first_call_s(env, lambda: {"out": flex(q, k, v)})
     errors, why = {}, []
@@ -510,12 +534,13 @@ def md_attention(rows: list[dict], result: dict) -> list[str]:
            f"Max abs error against a dense fp32 reference on the same inputs; attngen must stay within "
            f"{cfg['k_factor']:g} x Flex's error + {cfg['atol']:g} x max(1, |ref|) ({cfg['dtype']}). "
            "Cell: attngen (Flex).", "",
-           "| row | spec | density | out | dq | dk | dv | ok |", "|---|---|---|---|---|---|---|---|"]
+           "Kernels: the generated kernels that ran (`*_sm90_*`: Gluon on Hopper; the others: Triton).", "",
+           "| row | spec | density | out | dq | dk | dv | ok | kernels |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         e = r.get("errors", {})
         cell = lambda key: f"{e[key]['attngen']:.1e} ({e[key]['flex']:.1e})" if key in e else "-"
         out.append(f"| {r['title']} | `{r['spec']}` | {_f(r.get('density'), '.4f')} | {cell('out')} | {cell('dq')} | "
-                   f"{cell('dk')} | {cell('dv')} | {'ok' if r['ok'] else 'FAIL'} |")
+                   f"{cell('dk')} | {cell('dv')} | {'ok' if r['ok'] else 'FAIL'} | {', '.join(r.get('kernels', []))} |")
     out += ["", "## Forward", "", "ms (TFLOP/s by mask density). Ratio: peer ms / attngen ms (> 1: attngen faster). "
             "Anchor: Flex TF/s in PERF_ANCHORS.md.", "",
             "| row | attngen | Flex | cuDNN | SDPA flash | vs Flex | vs cuDNN | vs flash | Flex anchor | target | "
