@@ -290,7 +290,9 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     }
     knames = {"fwd": "fwd_kernel", "dkdv": "bwd_dkdv_kernel", "dq": "bwd_dq_kernel"}
     sm90 = not block_map and k.layout.kind not in SERVING  # the Gluon kernels (block maps: not yet)
-    sm90_dkdv = sm90 and gluon_dkdv(pl)
+    # bshd keeps the Triton dK/dV until a GPU has checked its Gluon one (the Q/dO descriptor's head stride is
+    # then smaller than its row stride)
+    sm90_dkdv = sm90 and gluon_dkdv(pl) and k.layout.kind == "bhsd"
     if sm90:
         args["fwd_sm90"] = args["fwd"] + cx(["STAGES", "REGS"])
         knames["fwd_sm90"] = "fwd_sm90_kernel"

@@ -240,3 +240,14 @@ def test_tune_puts_the_gluon_dkdv_first(examples, tmp_path, monkeypatch, gluon_m
         assert cfg["dkdv"] == {"GLUON": True}
     else:
         assert cfg["dkdv"] == {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "GLUON": False}
+
+
+def test_which_modules_have_the_gluon_dkdv():
+    from attngen.codegen import compile_source
+
+    code = compile_source("attention m { mask q_idx >= kv_idx }")["m"]
+    assert "_fwd_sm90_kernel" in code and "_bwd_dkdv_sm90_kernel" in code
+    for spec in ("attention m { layout bshd }",  # not yet checked on a GPU: the Triton dK/dV
+                 "attention m { score score + (kv_idx - q_idx) * 0.1 }"):  # a score that reads positions
+        code = compile_source(spec)["m"]
+        assert "_fwd_sm90_kernel" in code and "_bwd_dkdv_sm90_kernel" not in code, spec
