@@ -113,15 +113,40 @@ def test_sm90_dkdv_rules(examples, hopper):
     assert sw.BANDED and not sw._sm90_dkdv(*ts, None, False) and sw._sm90_dkdv(*ts, {"GLUON": True}, False)
 
 
-def _fake_gluon(mod, name: str, launched: list):
-    """Stand-in for the Gluon kernel's launch on a machine without a Hopper: the Triton forward computes it."""
+def _fake_gluon(mod, name: str, kernel: str, launched: list):
+    """Stand-in for a Gluon kernel's launch ("fwd" or "dkdv") on a machine without a Hopper: its Triton twin
+    computes it. The Gluon dK/dV's Mrow already holds m + log2(l) and it never reads Lrow, so Lrow goes in as zeros."""
+    twin = {"fwd": "fwd_kernel", "dkdv": "bwd_dkdv_kernel"}[kernel]
+
     class Launcher:
         def __getitem__(self, grid):
             def launch(*args, STAGES, REGS, **kw):  # noqa: N803 - the kernel's constexpr names
-                launched.append(grid)
-                return getattr(mod, f"{name}_fwd_kernel")[grid](*args, **kw)
+                launched.append((grid, kw["BLOCK_M"], kw["BLOCK_N"]))
+                if kernel == "dkdv":
+                    args = (*args[:5], torch.zeros_like(args[5]), *args[6:])
+                return getattr(mod, f"{name}_{twin}")[grid](*args, **kw)
             return launch
     return Launcher()
+
+
+def _on_hopper(mod, *sections):
+    """_sm90's (or _sm90_dkdv's) config logic, as on an H100, reading `sections` of the config (its next-to-last
+    argument)."""
+    def rule(*args):
+        cfg = mod._override(args[-2], *sections)
+        return cfg.get("GLUON") is not False and not any(key in cfg for key in mod._TRITON_LAUNCH)
+    return rule
+
+
+def _logged(fn):
+    """fn, appending each call's config to the returned log; tune sees fn's module and name."""
+    log: list = []
+
+    def call(*a, config=None, **kw):
+        log.append(config)
+        return fn(*a, config=config, **kw)
+    call.__module__, call.__name__ = fn.__module__, fn.__name__
+    return call, log
 
 
 @pytest.mark.parametrize("gluon_ms, winner", [(1.0, "gluon"), (3.0, (32, 16))])
@@ -132,18 +157,9 @@ def test_tune_puts_the_gluon_forward_first(examples, tmp_path, monkeypatch, gluo
     fn = examples["causal"][1]
     mod = sys.modules[fn.__module__]
     launched: list = []
-    monkeypatch.setattr(mod, "causal_fwd_sm90_kernel", _fake_gluon(mod, "causal", launched))
-
-    def on_hopper(q, k, v, out, config, trace):  # _sm90's config logic, as on an H100
-        cfg = mod._override(config, "fwd")
-        return cfg.get("GLUON") is not False and not any(key in cfg for key in mod._TRITON_LAUNCH)
-    monkeypatch.setattr(mod, "_sm90", on_hopper)
-    log: list = []
-
-    def call(*a, config=None, **kw):
-        log.append(config)
-        return fn(*a, config=config, **kw)
-    call.__module__, call.__name__ = fn.__module__, fn.__name__
+    monkeypatch.setattr(mod, "causal_fwd_sm90_kernel", _fake_gluon(mod, "causal", "fwd", launched))
+    monkeypatch.setattr(mod, "_sm90", _on_hopper(mod, "fwd"))
+    call, log = _logged(fn)
 
     def timer(f):
         f()
@@ -163,20 +179,6 @@ def test_tune_puts_the_gluon_forward_first(examples, tmp_path, monkeypatch, gluo
         assert len(launched) == n  # the tuned config keeps the Triton forward
 
 
-def _fake_gluon_dkdv(mod, name: str, launched: list):
-    """Stand-in for the Gluon dK/dV launch: the Triton dK/dV kernel on the same arguments, except that the
-    Gluon kernel's Mrow already holds m + log2(l) and it never reads Lrow, so Lrow goes in as zeros."""
-    class Launcher:
-        def __getitem__(self, grid):
-            def launch(*args, STAGES, REGS, **kw):  # noqa: N803 - the kernel's constexpr names
-                launched.append((grid, kw["BLOCK_M"], kw["BLOCK_N"]))
-                args = list(args)
-                args[5] = torch.zeros_like(args[5])
-                return getattr(mod, f"{name}_bwd_dkdv_kernel")[grid](*args, **kw)
-            return launch
-    return Launcher()
-
-
 def _gluon_unless_false(q, k, v, dout, dk, dv, config, trace):  # _sm90_dkdv's config logic, as on an H100
     return (config or {}).get("GLUON") is not False
 
@@ -187,7 +189,7 @@ def test_the_gluon_dkdv_launch(examples, monkeypatch):
     fn = examples["causal"][1]
     mod = sys.modules[fn.__module__]
     launched: list = []
-    monkeypatch.setattr(mod, "causal_bwd_dkdv_sm90_kernel", _fake_gluon_dkdv(mod, "causal", launched))
+    monkeypatch.setattr(mod, "causal_bwd_dkdv_sm90_kernel", _fake_gluon(mod, "causal", "dkdv", launched))
     monkeypatch.setattr(mod, "_sm90_dkdv", _gluon_unless_false)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 200, 16, generator=g).requires_grad_() for _ in range(3))  # 2 key blocks of 128
@@ -212,18 +214,9 @@ def test_tune_puts_the_gluon_dkdv_first(examples, tmp_path, monkeypatch, gluon_m
     fn = examples["causal"][1]
     mod = sys.modules[fn.__module__]
     launched: list = []
-    monkeypatch.setattr(mod, "causal_bwd_dkdv_sm90_kernel", _fake_gluon_dkdv(mod, "causal", launched))
-
-    def on_hopper(q, k, v, dout, dk, dv, config, trace):
-        cfg = mod._override(config, "bwd", "dkdv")
-        return cfg.get("GLUON") is not False and not any(key in cfg for key in mod._TRITON_LAUNCH)
-    monkeypatch.setattr(mod, "_sm90_dkdv", on_hopper)
-    log: list = []
-
-    def call(*a, config=None, **kw):
-        log.append(config)
-        return fn(*a, config=config, **kw)
-    call.__module__, call.__name__ = fn.__module__, fn.__name__
+    monkeypatch.setattr(mod, "causal_bwd_dkdv_sm90_kernel", _fake_gluon(mod, "causal", "dkdv", launched))
+    monkeypatch.setattr(mod, "_sm90_dkdv", _on_hopper(mod, "bwd", "dkdv"))
+    call, log = _logged(fn)
 
     def timer(f):
         f()
