@@ -80,7 +80,10 @@ def tune(fn: Callable, *args, backward: bool | None = None, candidates: dict | N
     out_like, k_like, v_like = (mod._empty_out(q, v), *(torch.empty(t.shape, dtype=t.dtype, device=t.device)
                                                       for t in (k, v)))
     gluon = {"fwd": hasattr(mod, "_sm90") and mod._sm90(q, k, v, out_like, base, None),
-             "dkdv": hasattr(mod, "_sm90_dkdv") and mod._sm90_dkdv(q, k, v, out_like, k_like, v_like, base, None)}
+             "dkdv": hasattr(mod, "_sm90_dkdv") and mod._sm90_dkdv(q, k, v, out_like, k_like, v_like, base, None),
+             # learnable inputs may want gradients, which only the Triton dQ computes: no Gluon candidate then
+             "dq": hasattr(mod, "_sm90_dq") and mod._sm90_dq(q, k, v, out_like, out_like, torch.empty_like(q), base,
+                                                             None, bool(mod.LEARNABLE))}
     grad_args = [a.detach().requires_grad_() if i < 3 and isinstance(a, torch.Tensor) else a
                  for i, a in enumerate(args)]
     gen = torch.Generator(device=q.device).manual_seed(0)
@@ -151,7 +154,7 @@ def _merge(base: dict, tiles: dict) -> dict:
     return {**base, **{sec: {**base.get(sec, {}), **c} for sec, c in tiles.items()}}
 
 
-GLUON = "gluon"  # the candidate that is a kernel's Gluon Hopper version (forward, dK/dV)
+GLUON = "gluon"  # the candidate that is a kernel's Gluon Hopper version (forward, dQ, dK/dV)
 
 
 def _settings(cand, gluon: bool) -> dict:

@@ -224,7 +224,7 @@ def skewed(pl: Plan) -> bool:
 
 
 def gluon_dkdv(pl: Plan) -> bool:
-    """Whether the module gets the Gluon dK/dV kernel (with the Gluon forward's conditions). Its consumer holds
+    """Whether the module gets the Gluon dK/dV and dQ kernels (with the Gluon forward's conditions). Its consumer holds
     dK, dV and two score tiles in registers; a score that reads positions keeps index tiles live too and spills
     (ALiBi's backward: 4.21 ms against 3.65 with the Triton dK/dV, results/2026-11-27-h100-gluon-regs.json)."""
     return not ({"q_idx", "kv_idx"} & (pl.logit.vars() | pl.dlogit.vars()))
@@ -290,15 +290,16 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     }
     knames = {"fwd": "fwd_kernel", "dkdv": "bwd_dkdv_kernel", "dq": "bwd_dq_kernel"}
     sm90 = not block_map and k.layout.kind not in SERVING  # the Gluon kernels (block maps: not yet)
-    # bshd keeps the Triton dK/dV until a GPU has checked its Gluon one (the Q/dO descriptor's head stride is
-    # then smaller than its row stride)
-    sm90_dkdv = sm90 and gluon_dkdv(pl) and k.layout.kind == "bhsd"
+    # bshd keeps the Triton backward until a GPU has checked the Gluon kernels (the dK/dV's Q/dO descriptor's
+    # head stride is then smaller than its row stride)
+    sm90_bwd = sm90 and gluon_dkdv(pl) and k.layout.kind == "bhsd"  # the Gluon dK/dV and dQ kernels
     if sm90:
         args["fwd_sm90"] = args["fwd"] + cx(["STAGES", "REGS"])
         knames["fwd_sm90"] = "fwd_sm90_kernel"
-    if sm90_dkdv:
+    if sm90_bwd:
         args["dkdv_sm90"] = args["dkdv"] + cx(["STAGES", "REGS"])
-        knames["dkdv_sm90"] = "bwd_dkdv_sm90_kernel"
+        args["dq_sm90"] = args["dq"] + cx(["STAGES", "REGS"])
+        knames.update(dkdv_sm90="bwd_dkdv_sm90_kernel", dq_sm90="bwd_dq_sm90_kernel")
     if block_map:
         args["blockmap"] = ["State:*i8", "q_len:i32", "kv_len:i32", "H_MAP:i32"] + extra_args \
             + cx(["BLOCK_M", "BLOCK_N"])
@@ -338,7 +339,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         dscore_lines=dp.lines, dscore_expr=dscore_expr, dscore_src=py(pl.dlogit),
         grads_doc=[f"{g.name}[{', '.join(py(i) for i in g.index)}] = {py(g.partial)}" for g in pl.input_grads],
         fwd=fwd, bwd=bwd, notes_fwd=notes_fwd, block_map=block_map, map_vars=map_vars, fine=fine,
-        banded=band, sm90=sm90, sm90_dkdv=sm90_dkdv,
+        banded=band, sm90=sm90, sm90_bwd=sm90_bwd,
         longest_first=not band and skewed(pl),
         map_code=_map_kernel_code(len(pl.segments)) if block_map else {}, notes_bwd=notes_bwd,
         input_grads=list(pl.input_grads), input_grad_lines=grad_lines,

@@ -70,8 +70,9 @@ SM90_JOBS = (dict(kernel="fwd", dtype="fp16", d_qk=128, d_v=128, num_warps=8),
              dict(kernel="fwd", dtype="bf16", d_qk=128, d_v=128, num_warps=8, i64=True))
 
 
-GLUON_JOBS = {f"gluon {kern} {dtype} D={d}": dict(kernel=kern, dtype=dtype, d_qk=d, d_v=d, block_m=bm, block_n=128)
-              for kern, bm in (("fwd_sm90", 128), ("dkdv_sm90", 64)) for dtype, d in (("bf16", 128), ("fp16", 64))}
+GLUON_JOBS = {f"gluon {kern} {dtype} D={d}": dict(kernel=kern, dtype=dtype, d_qk=d, d_v=d, block_m=bm, block_n=bn)
+              for kern, bm, bn in (("fwd_sm90", 128, 128), ("dkdv_sm90", 64, 128), ("dq_sm90", 128, 64))
+              for dtype, d in (("bf16", 128), ("fp16", 64))}
 
 
 def test_sm90_jobs_are_the_bwd_defaults(examples):
@@ -231,8 +232,9 @@ def test_skewed_masks_run_heaviest_first(spec, expected):
     _heaviest_first; banded and uniform masks keep the plain grid order."""
     code = compile_source(f"attention m {{ {spec} }}")["m"]
     assert ("i_n, i_bhk = _heaviest_first(8)" in code) is expected
-    # forward, dQ, and the Gluon forward where the module has one
-    assert (code.count("j, i_bh = _heaviest_first(8)") == 2 + ("_fwd_sm90_kernel" in code)) is expected
+    # forward, dQ, and the Gluon forward and dQ where the module has them
+    assert (code.count("j, i_bh = _heaviest_first(8)") == 2 + ("_fwd_sm90_kernel" in code)
+            + ("_bwd_dq_sm90_kernel" in code)) is expected
     assert code.count("i_n, i_bhk = _heaviest_first(8)") == (1 + ("_bwd_dkdv_sm90_kernel" in code)) * expected
 
 

@@ -70,15 +70,16 @@ def test_banded_masks_keep_the_triton_forward_unless_asked(examples, hopper):
 
 
 def test_gluon_keys(examples):
-    """GLUON is a key of the kernels that have a Gluon version: the forward, and dK/dV where the module has one."""
+    """GLUON is a key of the kernels that have a Gluon version: the forward, and dQ and dK/dV where the module
+    has them."""
     fn = examples["causal"][1]
     q, k, v, _ = _qkv(torch.float32)
-    for bad in ({"dq": {"GLUON": True}}, {"GLUON": 1}):
-        with pytest.raises(ValueError, match="GLUON"):
-            fn(q, k, v, config=bad)
-    for good in ({"GLUON": False}, {"fwd": {"GLUON": False}}, {"bwd": {"GLUON": False}}, {"dkdv": {"GLUON": False}}):
+    with pytest.raises(ValueError, match="GLUON"):
+        fn(q, k, v, config={"GLUON": 1})
+    for good in ({"GLUON": False}, {"fwd": {"GLUON": False}}, {"bwd": {"GLUON": False}}, {"dkdv": {"GLUON": False}},
+                 {"dq": {"GLUON": False}}):
         fn(q, k, v, config=good)
-    # ALiBi's score reads positions: no Gluon dK/dV kernel (codegen's sm90_dkdv), so no such key either
+    # ALiBi's score reads positions: no Gluon dK/dV kernel (codegen's sm90_bwd), so no such key either
     alibi = examples["alibi"][1]
     assert not hasattr(_mod(examples, "alibi"), "alibi_bwd_dkdv_sm90_kernel")
     with pytest.raises(ValueError, match="GLUON"):
@@ -113,17 +114,40 @@ def test_sm90_dkdv_rules(examples, hopper):
     assert sw.BANDED and not sw._sm90_dkdv(*ts, None, False) and sw._sm90_dkdv(*ts, {"GLUON": True}, False)
 
 
+def test_sm90_dq_rules(examples, hopper):
+    mod = _mod(examples, "causal")
+    if not mod._GLUON:
+        pytest.skip("this Triton has no Gluon")
+    q, k, v, out = _qkv()
+    ts = (q, k, v, out, torch.empty_like(out), torch.empty_like(q))
+    assert mod._sm90_dq(*ts, None, False, False)
+    assert not mod._sm90_dq(*ts, None, False, True)  # learnable inputs want gradients: the Triton kernel
+    with pytest.raises(ValueError, match="learnable-input gradients"):
+        mod._sm90_dq(*ts, {"dq": {"GLUON": True}}, False, True)
+    for config, trace in (({"GLUON": False}, False), ({"bwd": {"GLUON": False}}, False),
+                          ({"dq": {"GLUON": False}}, False), ({"dq": {"TMA": True}}, False),
+                          ({"bwd": {"BLOCK_M": 64}}, False), (None, True)):
+        assert not mod._sm90_dq(*ts, config, trace, False)
+    assert mod._sm90_dq(*ts, {"dkdv": {"GLUON": False}}, False, False)  # dK/dV's key only
+    with pytest.raises(ValueError, match="dQ kernel needs float16 or bfloat16"):
+        mod._sm90_dq(*(t.float() for t in ts), {"dq": {"GLUON": True}}, False, False)
+
+
 def _fake_gluon(mod, name: str, kernel: str, launched: list):
-    """Stand-in for a Gluon kernel's launch ("fwd" or "dkdv") on a machine without a Hopper: its Triton twin
-    computes it. The Gluon dK/dV's Mrow already holds m + log2(l) and it never reads Lrow, so Lrow goes in as zeros."""
-    twin = {"fwd": "fwd_kernel", "dkdv": "bwd_dkdv_kernel"}[kernel]
+    """Stand-in for a Gluon kernel's launch ("fwd", "dkdv" or "dq") on a machine without a Hopper: its Triton twin
+    computes it. The Gluon backward kernels' Mrow already holds m + log2(l) and they never read Lrow, so Lrow goes
+    in as zeros; and the interpreter has no tensor descriptors."""
+    twin = {"fwd": "fwd_kernel", "dkdv": "bwd_dkdv_kernel", "dq": "bwd_dq_kernel"}[kernel]
+    lrow = {"dkdv": 5, "dq": 7}.get(kernel)
 
     class Launcher:
         def __getitem__(self, grid):
             def launch(*args, STAGES, REGS, **kw):  # noqa: N803 - the kernel's constexpr names
                 launched.append((grid, kw["BLOCK_M"], kw["BLOCK_N"]))
-                if kernel == "dkdv":
-                    args = (*args[:5], torch.zeros_like(args[5]), *args[6:])
+                if lrow is not None:
+                    args = (*args[:lrow], torch.zeros_like(args[lrow]), *args[lrow + 1:])
+                if "TMA" in kw:
+                    kw["TMA"] = False
                 return getattr(mod, f"{name}_{twin}")[grid](*args, **kw)
             return launch
     return Launcher()
@@ -179,18 +203,19 @@ def test_tune_puts_the_gluon_forward_first(examples, tmp_path, monkeypatch, gluo
         assert len(launched) == n  # the tuned config keeps the Triton forward
 
 
-def _gluon_unless_false(q, k, v, dout, dk, dv, config, trace):  # _sm90_dkdv's config logic, as on an H100
-    return (config or {}).get("GLUON") is not False
+def _gluon_unless_false(*args):  # the config logic of _sm90_dkdv and _sm90_dq, as on an H100
+    return (args[6] or {}).get("GLUON") is not False
 
 
-def test_the_gluon_dkdv_launch(examples, monkeypatch):
-    """The host's Gluon dK/dV launch (grid, tiles, arguments, Mrow = m + log2 l), through a stand-in that
-    computes with the Triton kernel: the gradients equal those of the Triton backward."""
+def test_the_gluon_backward_launches(examples, monkeypatch):
+    """The host's Gluon dQ and dK/dV launches (grids, tiles, arguments, Mrow = m + log2 l), through stand-ins
+    that compute with the Triton kernels: the gradients equal those of the Triton backward."""
     fn = examples["causal"][1]
     mod = sys.modules[fn.__module__]
     launched: list = []
-    monkeypatch.setattr(mod, "causal_bwd_dkdv_sm90_kernel", _fake_gluon(mod, "causal", "dkdv", launched))
-    monkeypatch.setattr(mod, "_sm90_dkdv", _gluon_unless_false)
+    for kernel in ("dkdv", "dq"):
+        monkeypatch.setattr(mod, f"causal_bwd_{kernel}_sm90_kernel", _fake_gluon(mod, "causal", kernel, launched))
+        monkeypatch.setattr(mod, f"_sm90_{kernel}", _gluon_unless_false)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 200, 16, generator=g).requires_grad_() for _ in range(3))  # 2 key blocks of 128
     dout = torch.randn(1, 2, 200, 16, generator=g)
@@ -201,9 +226,9 @@ def test_the_gluon_dkdv_launch(examples, monkeypatch):
         fn(q, k, v, config=config).backward(dout)
         return [t.grad.clone() for t in (q, k, v)]
     got = grads(None)
-    assert launched == [((2, 2), 64, 128)]
+    assert launched == [((2, 2), 128, 64), ((2, 2), 64, 128)]  # dQ, then dK/dV
     want = grads({"GLUON": False})
-    assert len(launched) == 1
+    assert len(launched) == 2
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
@@ -216,6 +241,7 @@ def test_tune_puts_the_gluon_dkdv_first(examples, tmp_path, monkeypatch, gluon_m
     launched: list = []
     monkeypatch.setattr(mod, "causal_bwd_dkdv_sm90_kernel", _fake_gluon(mod, "causal", "dkdv", launched))
     monkeypatch.setattr(mod, "_sm90_dkdv", _on_hopper(mod, "bwd", "dkdv"))
+    monkeypatch.setattr(mod, "_sm90_dq", lambda *a: False)
     call, log = _logged(fn)
 
     def timer(f):
