@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 
@@ -104,6 +105,8 @@ def sm90_builds(tmp_path_factory):
                     keys.append((mod.stem, f"{job['kernel']}, a stage fewer"))
             for label, job in GLUON_JOBS.items():  # the Gluon Hopper kernels the module has, at the host's tiles
                 if f'    "{job["kernel"]}": (' in mod.read_text():  # its KERNELS entry
+                    if job["kernel"] == "dkdv_sm90":  # the module's own queries per step
+                        job = {**job, "block_m": int(re.search(r"SM90_DKDV_ROWS = (\d+)", mod.read_text())[1])}
                     jobs.append({"path": str(mod), **job})
                     keys.append((mod.stem, label))
             if "_blockmap_kernel" in mod.read_text():  # the runtime block map's kernels, and the sympy path

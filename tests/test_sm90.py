@@ -207,14 +207,16 @@ def _gluon_unless_false(*args):  # the config logic of _sm90_dkdv and _sm90_dq, 
     return (args[6] or {}).get("GLUON") is not False
 
 
-def test_the_gluon_backward_launches(examples, monkeypatch):
+@pytest.mark.parametrize("name, rows", [("causal", 64), ("softcap", 32)])
+def test_the_gluon_backward_launches(examples, monkeypatch, name, rows):
     """The host's Gluon dQ and dK/dV launches (grids, tiles, arguments, Mrow = m + log2 l), through stand-ins
-    that compute with the Triton kernels: the gradients equal those of the Triton backward."""
-    fn = examples["causal"][1]
+    that compute with the Triton kernels: the gradients equal those of the Triton backward. The dK/dV takes
+    32 queries per step where the score is nonlinear in qk (softcap), else 64."""
+    fn = examples[name][1]
     mod = sys.modules[fn.__module__]
     launched: list = []
     for kernel in ("dkdv", "dq"):
-        monkeypatch.setattr(mod, f"causal_bwd_{kernel}_sm90_kernel", _fake_gluon(mod, "causal", kernel, launched))
+        monkeypatch.setattr(mod, f"{name}_bwd_{kernel}_sm90_kernel", _fake_gluon(mod, name, kernel, launched))
         monkeypatch.setattr(mod, f"_sm90_{kernel}", _gluon_unless_false)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 200, 16, generator=g).requires_grad_() for _ in range(3))  # 2 key blocks of 128
@@ -226,7 +228,7 @@ def test_the_gluon_backward_launches(examples, monkeypatch):
         fn(q, k, v, config=config).backward(dout)
         return [t.grad.clone() for t in (q, k, v)]
     got = grads(None)
-    assert launched == [((2, 2), 128, 64), ((2, 2), 64, 128)]  # dQ, then dK/dV
+    assert launched == [((2, 2), 128, 64), ((2, 2), rows, 128)]  # dQ, then dK/dV
     want = grads({"GLUON": False})
     assert len(launched) == 2
     for a, b in zip(got, want):
