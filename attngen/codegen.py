@@ -297,9 +297,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     }
     knames = {"fwd": "fwd_kernel", "dkdv": "bwd_dkdv_kernel", "dq": "bwd_dq_kernel"}
     sm90 = not block_map and k.layout.kind not in SERVING  # the Gluon kernels (block maps: not yet)
-    # bshd keeps the Triton backward until a GPU has checked the Gluon kernels (the dK/dV's Q/dO descriptor's
-    # head stride is then smaller than its row stride)
-    sm90_bwd = sm90 and gluon_dkdv(pl) and k.layout.kind == "bhsd"  # the Gluon dK/dV and dQ kernels
+    sm90_bwd = sm90 and gluon_dkdv(pl)  # the Gluon dK/dV and dQ kernels
     if sm90:
         args["fwd_sm90"] = args["fwd"] + cx(["STAGES", "REGS"])
         knames["fwd_sm90"] = "fwd_sm90_kernel"
