@@ -90,3 +90,24 @@ def test_block_map_is_built_and_passed(bench, tmp_path, monkeypatch):
     (row,) = _result(tmp_path)["rows"]
     assert row["tensor_mask"] and row["setup_attngen_ms"] is not None and row["setup_attngen_ms"] >= 0
     assert seen and all(m is token for m in seen)
+
+
+def test_resource_report_builds_what_the_host_launches(examples):
+    """benchmarks/resources.py builds each row's kernels at the H100's launch tiles: the Gluon ones where the module
+    has them (softcap's dK/dV at 32 queries per step), the Triton defaults for banded and block-map masks."""
+    spec = importlib.util.spec_from_file_location("attngen_resources_script", ROOT / "benchmarks" / "resources.py")
+    res = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(res)
+
+    def launched(name):
+        mod = sys.modules[examples[name][1].__module__]
+        return [(k, kw["block_m"], kw["block_n"], kw["num_warps"], kw.get("num_stages"), kw["block_map"],
+                 kw.get("constexprs")) for k, kw in res.launches(mod)]
+    gluon = [("fwd_sm90", 128, 128, 4, None, False, None), ("dq_sm90", 128, 64, 4, None, False, None)]
+    assert launched("causal") == gluon + [("dkdv_sm90", 64, 128, 4, None, False, None)]
+    assert launched("softcap") == gluon + [("dkdv_sm90", 32, 128, 4, None, False, None)]
+    assert launched("alibi") == gluon[:1] + [("dq", 128, 64, 8, 3, False, None), ("dkdv", 64, 128, 8, 4, False, None)]
+    assert launched("sliding_window") == [("fwd", 64, 64, 4, 3, False, {"TMA": True}),
+                                          ("dq", 64, 64, 4, 2, False, None), ("dkdv", 64, 64, 4, 2, False, None)]
+    assert launched("document") == [("fwd", 64, 64, 4, 2, True, {"TMA": False}),
+                                    ("dq", 64, 64, 4, 2, True, None), ("dkdv", 64, 64, 4, 2, True, None)]
