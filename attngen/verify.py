@@ -9,10 +9,12 @@ tensor's scale. Outputs, the LSE and every gradient (dq, dk, dv, learnable input
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -386,3 +388,29 @@ def main(paths: list[str], dtypes: list[str] | None = None, quick: bool = False)
                               f"{r.line()}  {time.time() - t0:.1f}s {r.why}", flush=True)
     print(f"{total - failures} passed, {failures} failed")
     return 1 if failures else 0
+
+
+@contextlib.contextmanager
+def kernels_run(fn: Callable) -> Iterator[list[str]]:
+    """The generated kernels that launch inside the block, by name without the spec's prefix (e.g.
+    fwd_sm90_kernel: the Gluon Hopper forward; bwd_dkdv_kernel: the Triton dK/dV), in launch order. Empty when
+    `fn` is not a generated function (a wrapper's module has no `_launch` to watch)."""
+    mod = sys.modules.get(fn.__module__)
+    names: list[str] = []
+    real = getattr(mod, "_launch", None)
+    if real is None:
+        yield names
+        return
+
+    def spy(kernel, grid, *args, **kw):
+        name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "?")
+        short = name.removeprefix(f"{fn.__name__}_")
+        if short not in names:
+            names.append(short)
+        return real(kernel, grid, *args, **kw)
+
+    mod._launch = spy
+    try:
+        yield names
+    finally:
+        mod._launch = real

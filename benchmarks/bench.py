@@ -39,7 +39,6 @@ Rows are a list of `AttnRow`; each kind of row has one function in `RUNNERS` and
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -61,6 +60,8 @@ if not torch.cuda.is_available():  # the Triton interpreter; must be set before 
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from attngen.verify import kernels_run  # noqa: E402 - after TRITON_INTERPRET and the path
 
 K_FACTOR = 2.0  # attngen's error may be at most K x Flex's (both against the fp32 reference) ...
 ATOL = {torch.bfloat16: 4e-3, torch.float16: 5e-4, torch.float32: 1e-6}  # ... plus this x max(1, |ref|)
@@ -304,32 +305,6 @@ def dense_reference(q, k, v, dout, mask_mod, score_mod, dtype, grad: bool) -> di
             res["out"][b, h] = o.detach()
     res["visible"] = visible
     return res
-
-
-@contextlib.contextmanager
-def kernels_run(fn: Callable):
-    """The generated kernels that launch inside the block, by name without the spec's prefix (e.g.
-    fwd_sm90_kernel: the Gluon Hopper forward; bwd_dkdv_kernel: the Triton dK/dV), in launch order. Empty when
-    `fn` is not a generated function (a wrapper's module has no `_launch` to watch)."""
-    mod = sys.modules.get(fn.__module__)
-    names: list[str] = []
-    real = getattr(mod, "_launch", None)
-    if real is None:
-        yield names
-        return
-
-    def spy(kernel, grid, *args, **kw):
-        name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "?")
-        short = name.removeprefix(f"{fn.__name__}_")
-        if short not in names:
-            names.append(short)
-        return real(kernel, grid, *args, **kw)
-
-    mod._launch = spy
-    try:
-        yield names
-    finally:
-        mod._launch = real
 
 
 def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:

@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from attngen.verify import Shape, check, compiled  # noqa: E402
+from attngen.verify import Shape, check, compiled, kernels_run  # noqa: E402
 
 # (dtype, shape, check gradients): bf16 forward + backward at S=4096, fp16 forward at D=64
 COMBOS = ((torch.bfloat16, Shape(1, 8, 2, 4096, 4096, 128, 128), True),
@@ -37,9 +37,11 @@ def correctness(tmp: Path, only: str | None = None, config: dict | None = None) 
                 continue
             for dtype, shape, grad in COMBOS:
                 t0 = time.time()
-                r = check(kernel, fn, shape, dtype, torch.device("cuda"), seed=len(rows), config=config, grad=grad)
+                with kernels_run(fn) as kernels:  # which ran: Gluon (*_sm90_kernel) or Triton
+                    r = check(kernel, fn, shape, dtype, torch.device("cuda"), seed=len(rows), config=config,
+                              grad=grad)
                 rows.append(dict(name=r.name, dtype=r.dtype, shape=r.shape, grad=grad, errors=r.errors, ok=r.ok,
-                                 why=r.why))
+                                 why=r.why, kernels=kernels))
                 print(f"{'ok  ' if r.ok else 'FAIL'} {r.name:16s} {r.dtype:8s} {r.shape:30s} {r.line()} "
                       f"{time.time() - t0:.1f}s {r.why}", flush=True)
                 torch.cuda.empty_cache()

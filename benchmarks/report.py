@@ -34,12 +34,13 @@ def report(d: dict) -> str:
                 "must be at most K x the interpreter's error in the same dtype (K = 2 for 16-bit) plus a few ulps of",
                 "the tensor's scale. Rows with grads check dq, dk, dv and learnable inputs from a random dO and dLSE.",
                 "Each cell: kernel error (interpreter error).", "",
-                "| spec | dtype | shape | grads | out | lse | worst gradient | ok |",
-                "|---|---|---|---|---|---|---|---|"]
+                "| spec | dtype | shape | grads | out | lse | worst gradient | ok | kernels |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for r in d["correctness"]:
             e = r["errors"]
+            ran = ", ".join(r.get("kernels", [])) or "-"  # recorded since 2026-11-27
             out.append(f"| {r['name']} | {r['dtype']} | {r['shape']} | {'yes' if r['grad'] else 'no'} | "
-                       f"{_cell(e['out'])} | {_cell(e['lse'])} | {_worst(e)} | {'yes' if r['ok'] else 'NO'} |")
+                       f"{_cell(e['out'])} | {_cell(e['lse'])} | {_worst(e)} | {'yes' if r['ok'] else 'NO'} | {ran} |")
         out += ["", f"{ok} passed, {len(d['correctness']) - ok} failed.", ""]
     if d.get("determinism"):
         det = d["determinism"]
