@@ -153,11 +153,11 @@ def _fake_gluon(mod, name: str, kernel: str, launched: list):
     return Launcher()
 
 
-def _on_hopper(mod, *sections):
-    """_sm90's (or _sm90_dkdv's) config logic, as on an H100, reading `sections` of the config (its next-to-last
-    argument)."""
+def _on_hopper(mod, *sections, at: int = -2):
+    """_sm90's (or _sm90_dkdv's, _sm90_dq's) config logic, as on an H100, reading `sections` of the config (its
+    argument `at`: the next-to-last, or _sm90_dq's third from last)."""
     def rule(*args):
-        cfg = mod._override(args[-2], *sections)
+        cfg = mod._override(args[at], *sections)
         return cfg.get("GLUON") is not False and not any(key in cfg for key in mod._TRITON_LAUNCH)
     return rule
 
@@ -235,32 +235,35 @@ def test_the_gluon_backward_launches(examples, monkeypatch, name, rows):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["dkdv", "dq"])
 @pytest.mark.parametrize("gluon_ms, winner", [(1.0, "gluon"), (3.0, (32, 32))])
-def test_tune_puts_the_gluon_dkdv_first(examples, tmp_path, monkeypatch, gluon_ms, winner):
+def test_tune_puts_the_gluon_backward_first(examples, tmp_path, monkeypatch, gluon_ms, winner, kernel):
+    """tune times a backward kernel's Gluon version first and keeps it unless a Triton tiling beats it."""
     monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))
     fn = examples["causal"][1]
     mod = sys.modules[fn.__module__]
     launched: list = []
-    monkeypatch.setattr(mod, "causal_bwd_dkdv_sm90_kernel", _fake_gluon(mod, "causal", "dkdv", launched))
-    monkeypatch.setattr(mod, "_sm90_dkdv", _on_hopper(mod, "bwd", "dkdv"))
-    monkeypatch.setattr(mod, "_sm90_dq", lambda *a: False)
+    other = {"dkdv": "dq", "dq": "dkdv"}[kernel]
+    monkeypatch.setattr(mod, f"causal_bwd_{kernel}_sm90_kernel", _fake_gluon(mod, "causal", kernel, launched))
+    monkeypatch.setattr(mod, f"_sm90_{kernel}", _on_hopper(mod, "bwd", kernel, at=-2 if kernel == "dkdv" else -3))
+    monkeypatch.setattr(mod, f"_sm90_{other}", lambda *a: False)
     call, log = _logged(fn)
 
     def timer(f):
         f()
-        sec = log[-1]["dkdv"]
+        sec = log[-1][kernel]
         return gluon_ms if sec.get("GLUON") else {(32, 32): 1.0}.get((sec.get("BLOCK_M"), sec.get("BLOCK_N")), 2.0)
 
     q, k, v, _ = _qkv(torch.float32, 16, 16)
     for t in (q, k, v):
         t.requires_grad_()
-    cfg = attngen.tune(call, q, k, v, candidates={"fwd": [], "dq": [], "dkdv": [(32, 32, 4, 1), (16, 16, 4, 1)]},
+    cfg = attngen.tune(call, q, k, v, candidates={"fwd": [], other: [], kernel: [(32, 32, 4, 1), (16, 16, 4, 1)]},
                        timer=timer)
-    assert launched, "the Gluon dK/dV candidate was never run"
+    assert launched, f"the Gluon {kernel} candidate was never run"
     if winner == "gluon":
-        assert cfg["dkdv"] == {"GLUON": True}
+        assert cfg[kernel] == {"GLUON": True}
     else:
-        assert cfg["dkdv"] == {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "GLUON": False}
+        assert cfg[kernel] == {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "GLUON": False}
 
 
 def test_which_modules_have_the_gluon_dkdv():
