@@ -29,16 +29,17 @@ def launches(mod) -> list[tuple[str, dict]]:
     gluon_bwd = "dkdv_sm90" in mod.KERNELS and not mod.BANDED
     block_map = "blockmap" in mod.KERNELS
     out = []
+    tiles = getattr(mod, "SM90_TILES", {})
     if gluon_fwd:
-        out.append(("fwd_sm90", dict(block_m=128, block_n=128, num_warps=4)))
+        out.append(("fwd_sm90", dict(block_m=tiles["fwd_sm90"][0], block_n=tiles["fwd_sm90"][1], num_warps=4)))
     else:
         tma = not block_map  # as _forward_tma: block-map specs load without descriptors
         c = mod._fwd_defaults(128, 128, True, tma)
         out.append(("fwd", dict(block_m=c["BLOCK_M"], block_n=c["BLOCK_N"], num_warps=c["num_warps"],
                                 num_stages=c["num_stages"], constexprs={"TMA": tma})))
     if gluon_bwd:
-        out.append(("dq_sm90", dict(block_m=128, block_n=64, num_warps=4)))
-        out.append(("dkdv_sm90", dict(block_m=mod.SM90_DKDV_ROWS, block_n=128, num_warps=4)))
+        for name in ("dq_sm90", "dkdv_sm90"):
+            out.append((name, dict(block_m=tiles[name][0], block_n=tiles[name][1], num_warps=4)))
     else:
         dkdv, dq = mod._bwd_defaults(128, 128, True)
         for name, c in (("dq", dq), ("dkdv", dkdv)):

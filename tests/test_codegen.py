@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import re
 import subprocess
 import sys
 
@@ -71,9 +70,15 @@ SM90_JOBS = (dict(kernel="fwd", dtype="fp16", d_qk=128, d_v=128, num_warps=8),
              dict(kernel="fwd", dtype="bf16", d_qk=128, d_v=128, num_warps=8, i64=True))
 
 
-GLUON_JOBS = {f"gluon {kern} {dtype} D={d}": dict(kernel=kern, dtype=dtype, d_qk=d, d_v=d, block_m=bm, block_n=bn)
-              for kern, bm, bn in (("fwd_sm90", 128, 128), ("dkdv_sm90", 64, 128), ("dq_sm90", 128, 64))
-              for dtype, d in (("bf16", 128), ("fp16", 64))}
+# the Gluon kernels, each at the module's own tiles (its SM90_TILES)
+GLUON_JOBS = {f"gluon {kern} {dtype} D={d}": dict(kernel=kern, dtype=dtype, d_qk=d, d_v=d)
+              for kern in ("fwd_sm90", "dkdv_sm90", "dq_sm90") for dtype, d in (("bf16", 128), ("fp16", 64))}
+
+
+def _sm90_tiles(source: str) -> dict:
+    """A generated module's SM90_TILES, read from its source (the builds run in another process)."""
+    (line,) = [ln for ln in source.splitlines() if ln.startswith("SM90_TILES = ")]
+    return ast.literal_eval(line.split(" = ", 1)[1])
 
 
 def test_sm90_jobs_are_the_bwd_defaults(examples):
@@ -105,9 +110,8 @@ def sm90_builds(tmp_path_factory):
                     keys.append((mod.stem, f"{job['kernel']}, a stage fewer"))
             for label, job in GLUON_JOBS.items():  # the Gluon Hopper kernels the module has, at the host's tiles
                 if f'    "{job["kernel"]}": (' in mod.read_text():  # its KERNELS entry
-                    if job["kernel"] == "dkdv_sm90":  # the module's own queries per step
-                        job = {**job, "block_m": int(re.search(r"SM90_DKDV_ROWS = (\d+)", mod.read_text())[1])}
-                    jobs.append({"path": str(mod), **job})
+                    bm, bn = _sm90_tiles(mod.read_text())[job["kernel"]]
+                    jobs.append({"path": str(mod), **job, "block_m": bm, "block_n": bn})
                     keys.append((mod.stem, label))
             if "_blockmap_kernel" in mod.read_text():  # the runtime block map's kernels, and the sympy path
                 for label, job in (("blockmap", dict(kernel="blockmap", block_m=64, block_n=64, num_warps=4)),
