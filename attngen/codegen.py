@@ -223,10 +223,11 @@ def skewed(pl: Plan) -> bool:
     return pl.sparse and any(s.q_atoms or any(d != 0 for _, d in s.lo + s.hi) for s in pl.segments)
 
 
-def gluon_dkdv(pl: Plan) -> bool:
-    """Whether the module gets the Gluon dK/dV and dQ kernels (with the Gluon forward's conditions). Its consumer holds
-    dK, dV and two score tiles in registers; a score that reads positions keeps index tiles live too and spills
-    (ALiBi's backward: 4.21 ms against 3.65 with the Triton dK/dV, results/2026-11-27-h100-gluon-regs.json)."""
+def gluon_backward(pl: Plan) -> bool:
+    """Whether the module gets the Gluon dK/dV and dQ kernels (with the Gluon forward's conditions). The dK/dV
+    consumer holds dK, dV and two score tiles in registers; a score that reads positions keeps index tiles live
+    too and spills (ALiBi's backward: 4.21 ms against 3.65 with the Triton dK/dV,
+    results/2026-11-27-h100-gluon-regs.json)."""
     return not ({"q_idx", "kv_idx"} & (pl.logit.vars() | pl.dlogit.vars()))
 
 
@@ -297,7 +298,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     }
     knames = {"fwd": "fwd_kernel", "dkdv": "bwd_dkdv_kernel", "dq": "bwd_dq_kernel"}
     sm90 = not block_map and k.layout.kind not in SERVING  # the Gluon kernels (block maps: not yet)
-    sm90_bwd = sm90 and gluon_dkdv(pl)  # the Gluon dK/dV and dQ kernels
+    sm90_bwd = sm90 and gluon_backward(pl)  # the Gluon dK/dV and dQ kernels
     if sm90:
         args["fwd_sm90"] = args["fwd"] + cx(["STAGES", "REGS"])
         knames["fwd_sm90"] = "fwd_sm90_kernel"

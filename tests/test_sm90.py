@@ -266,7 +266,7 @@ def test_tune_puts_the_gluon_backward_first(examples, tmp_path, monkeypatch, glu
         assert cfg[kernel] == {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1, "GLUON": False}
 
 
-def test_which_modules_have_the_gluon_dkdv():
+def test_which_modules_have_the_gluon_backward():
     from attngen.codegen import compile_source
 
     code = compile_source("attention m { mask q_idx >= kv_idx }")["m"]
