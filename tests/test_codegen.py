@@ -245,8 +245,20 @@ def test_skewed_masks_run_heaviest_first(spec, expected):
     assert code.count("i_n, i_bhk = _heaviest_first(8)") == (1 + ("_bwd_dkdv_sm90_kernel" in code)) * expected
 
 
-@pytest.mark.parametrize("n0, n1", [(1, 1), (5, 3), (8, 4), (17, 2), (64, 32), (10, 7)])
-def test_heaviest_first_is_a_bijection(tmp_path, n0, n1):
+def test_sink_tokens_put_their_key_blocks_first():
+    """A banded mask with sink tokens: every later row sees the sinks' key block, so dK/dV (Triton, and Gluon
+    where the module has it) takes its programs heaviest first in chunks of 32 key blocks; rows cost the same,
+    so the forward and dQ keep the grid order. A window alone keeps it everywhere."""
+    sinks = compile_source("attention m { mask q_idx >= kv_idx and (kv_idx < 4 or q_idx - kv_idx < 1024) }")["m"]
+    assert sinks.count("i_n, i_bhk = _heaviest_first(32)") == 1 + ("_bwd_dkdv_sm90_kernel" in sinks)
+    assert "j, i_bh = _heaviest_first" not in sinks
+    window = compile_source("attention m { mask q_idx >= kv_idx and q_idx - kv_idx < 1024 }")["m"]
+    assert "_heaviest_first(" not in window.replace("def _heaviest_first(", "")
+
+
+@pytest.mark.parametrize("n0, n1, w", [(1, 1, 8), (5, 3, 8), (8, 4, 8), (17, 2, 8), (64, 32, 8), (10, 7, 8),
+                                       (128, 32, 32), (40, 3, 32)])
+def test_heaviest_first_is_a_bijection(tmp_path, n0, n1, w):
     """Every (row block, batch x head) pair gets exactly one program, heaviest chunk first (the
     generated helper run in the Triton interpreter over the whole grid)."""
     import torch
@@ -260,14 +272,14 @@ def test_heaviest_first_is_a_bijection(tmp_path, n0, n1):
     probe.write_text("import triton\nimport triton.language as tl\n\n\n" + helper + """
 
 @triton.jit
-def probe(Out):
-    j, bh = _heaviest_first(8)
+def probe(Out, W: tl.constexpr):
+    j, bh = _heaviest_first(W)
     pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     tl.store(Out + 2 * pid, j)
     tl.store(Out + 2 * pid + 1, bh)
 """)
-    mod = import_path(probe, f"probe_{n0}_{n1}")
+    mod = import_path(probe, f"probe_{n0}_{n1}_{w}")
     out = torch.full((n0 * n1, 2), -1, dtype=torch.int32, device=DEVICE)
-    mod.probe[(n0, n1)](out)
+    mod.probe[(n0, n1)](out, W=w)
     assert sorted(map(tuple, out.tolist())) == [(j, b) for j in range(n0) for b in range(n1)]
-    assert out[: n1 * min(8, n0), 0].max() < min(8, n0)  # the first programs take the heaviest chunk
+    assert out[: n1 * min(w, n0), 0].max() < min(w, n0)  # the first programs take the heaviest chunk
