@@ -207,13 +207,13 @@ def _strides(t: str, dims: str) -> list[str]:
 
 
 def banded(pl: Plan) -> bool:
-    """Whether every segment's key range has a bounded width (a window, a chunk, sink tokens): its lower
-    end moves with q_idx, or an upper end is fixed (not q_idx, not the sequence's end). Such masks visit a few key
-    blocks per query block and want small backward tiles (benchmarks/results/2026-11-26-h100-bwd-ab.json)."""
+    """Whether every segment's key range has a bounded width (a window, a chunk, sink tokens): an upper end is
+    fixed (not the sequence's end), or both ends move with q_idx. Such masks visit a few key blocks per query
+    block and want small backward tiles (benchmarks/results/2026-11-26-h100-bwd-ab.json). A lower end that moves
+    alone is not enough: [q_idx, kv_len) (anti-causal) grows as wide as causal's."""
     def narrow(seg: Segment) -> bool:
-        moves = any(d == 1 for _, d in seg.lo)
         fixed = any(d == 0 and not f.vars() & {"kv_len", "q_len"} for f, d in seg.hi)
-        return moves or fixed
+        return fixed or (any(d == 1 for _, d in seg.lo) and any(d == 1 for _, d in seg.hi))
     return pl.sparse and bool(pl.segments) and all(narrow(s) for s in pl.segments)
 
 
@@ -358,7 +358,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         grads_doc=[f"{g.name}[{', '.join(py(i) for i in g.index)}] = {py(g.partial)}" for g in pl.input_grads],
         fwd=fwd, bwd=bwd, notes_fwd=notes_fwd, block_map=block_map, map_vars=map_vars, fine=fine,
         banded=band, sm90=sm90, sm90_bwd=sm90_bwd, dkdv_sm90_rows=gluon_dkdv_rows(pl),
-        longest_first=not band and skewed(pl), key_chunks=key_chunks(pl, band),
+        longest_first=not band and skewed(pl), key_chunks=0 if block_map else key_chunks(pl, band),
         map_code=_map_kernel_code(len(pl.segments)) if block_map else {}, notes_bwd=notes_bwd,
         input_grads=list(pl.input_grads), input_grad_lines=grad_lines,
         grad_owner=repr([g.name for g in pl.input_grads]), learnable=repr(learnable), learnable_names=list(learnable),

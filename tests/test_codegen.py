@@ -212,6 +212,9 @@ def test_tma_forward_builds_for_sm90(tmp_path):
     ("q_idx // 2048 == kv_idx // 2048 and q_idx >= kv_idx", True),      # chunked
     ("q_idx >= kv_idx and (kv_idx < 4 or q_idx - kv_idx < 1024)", True),  # sinks + window
     ("kv_idx < 2048 or q_idx >= kv_idx", False),                         # prefix-LM: one wide segment
+    ("q_idx <= kv_idx", False),                                          # anti-causal: [q, end) is wide
+    ("kv_idx >= q_idx - 256", False),                                    # a one-sided window: as wide
+    ("kv_idx >= q_idx - 256 and kv_idx <= q_idx + 256", True),           # a two-sided one
 ])
 def test_banded_masks_get_small_backward_tiles(mask, expected):
     """`banded`: every key range has a bounded width; the module then defaults to 64 x 64 backward tiles."""
@@ -238,11 +241,10 @@ def test_skewed_masks_run_heaviest_first(spec, expected):
     """`skewed` rows differ in work: the forward, dQ and dK/dV kernels then take their programs from
     _heaviest_first; banded and uniform masks keep the plain grid order."""
     code = compile_source(f"attention m {{ {spec} }}")["m"]
-    assert ("i_n, i_bhk = _heaviest_first(8)" in code) is expected
     # forward, dQ, and the Gluon forward and dQ where the module has them
     assert (code.count("j, i_bh = _heaviest_first(8)") == 2 + ("_fwd_sm90_kernel" in code)
             + ("_bwd_dq_sm90_kernel" in code)) is expected
-    assert code.count("i_n, i_bhk = _heaviest_first(8)") == (1 + ("_bwd_dkdv_sm90_kernel" in code)) * expected
+    assert code.count("j, i_bhk = _heaviest_first(8)") == (1 + ("_bwd_dkdv_sm90_kernel" in code)) * expected
 
 
 def test_sink_tokens_put_their_key_blocks_first():
@@ -250,10 +252,56 @@ def test_sink_tokens_put_their_key_blocks_first():
     where the module has it) takes its programs heaviest first in chunks of 32 key blocks; rows cost the same,
     so the forward and dQ keep the grid order. A window alone keeps it everywhere."""
     sinks = compile_source("attention m { mask q_idx >= kv_idx and (kv_idx < 4 or q_idx - kv_idx < 1024) }")["m"]
-    assert sinks.count("i_n, i_bhk = _heaviest_first(32)") == 1 + ("_bwd_dkdv_sm90_kernel" in sinks)
+    assert sinks.count("j, i_bhk = _heaviest_first(32)") == 1 + ("_bwd_dkdv_sm90_kernel" in sinks)
     assert "j, i_bh = _heaviest_first" not in sinks
     window = compile_source("attention m { mask q_idx >= kv_idx and q_idx - kv_idx < 1024 }")["m"]
     assert "_heaviest_first(" not in window.replace("def _heaviest_first(", "")
+
+
+@pytest.mark.parametrize("mask, first_row, first_key", [
+    ("q_idx >= kv_idx", "last", "first"),                                 # causal: late rows, early keys heavy
+    ("q_idx <= kv_idx", "first", "last"),                                 # its mirror
+    ("kv_idx < 16 or q_idx < 16 or (q_idx - 64 <= kv_idx and kv_idx <= q_idx + 64)", "first", "first"),  # global
+])
+def test_the_heavier_end_goes_first(tmp_path, mask, first_row, first_key):
+    """_row_order and _key_order (the generated helpers, run in the Triton interpreter over the whole grid) hand
+    out every (block, batch x head) once, the heavier end's blocks in the first chunk: global query tokens' row
+    block first, where the causal order would launch it last."""
+    import torch
+
+    from attngen.runtime import import_path
+
+    name = f"order_{abs(hash(mask))}"  # its own module per case: an import of "m" would be cached
+    (tmp_path / f"{name}.py").write_text(compile_source(f"attention m {{ mask {mask} }}")["m"])
+    probe = tmp_path / "probe_order.py"
+    probe.write_text(f"""import triton
+import triton.language as tl
+from {name} import _heaviest_first, _key_order, _row_order
+
+
+@triton.jit
+def probe(Out, q_len, kv_len, H, GROUP, KEYS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    j, bh = _heaviest_first(8)
+    if KEYS:
+        i = _key_order(j, bh // (H // GROUP), bh % (H // GROUP) * GROUP, tl.num_programs(0), q_len, kv_len, BLOCK_M,
+                       BLOCK_N)
+    else:
+        i = _row_order(j, bh // H, bh % H, tl.num_programs(0), q_len, kv_len, BLOCK_M, BLOCK_N)
+    pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    tl.store(Out + 2 * pid, i)
+    tl.store(Out + 2 * pid + 1, bh)
+""")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        mod = import_path(probe, f"probe_{name}")
+    finally:
+        sys.path.remove(str(tmp_path))
+    n, heads, length = 24, 3, 24 * 32
+    for keys, first in ((False, first_row), (True, first_key)):
+        out = torch.full((n * heads, 2), -1, dtype=torch.int32, device=DEVICE)
+        mod.probe[(n, heads)](out, length, length, heads, 1, KEYS=keys, BLOCK_M=32, BLOCK_N=32)
+        assert sorted(map(tuple, out.tolist())) == [(i, b) for i in range(n) for b in range(heads)]
+        assert out[0, 0].item() == (0 if first == "first" else n - 1), (keys, out[:8, 0].tolist())
 
 
 @pytest.mark.parametrize("n0, n1, w", [(1, 1, 8), (5, 3, 8), (8, 4, 8), (17, 2, 8), (64, 32, 8), (10, 7, 8),
