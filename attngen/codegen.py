@@ -225,11 +225,13 @@ def skewed(pl: Plan) -> bool:
 
 def key_chunks(pl: Plan, band: bool) -> int:
     """The dK/dV kernels' program order: key blocks heaviest first, in chunks of this many blocks across every
-    (batch, head) pair (_heaviest_first; 0: the grid's own order, a head's blocks in turn). Skewed masks (causal,
-    prefix-LM) take chunks of 8, as the forward's rows do. A banded mask's key blocks cost the same unless one of
-    its transposed ranges runs to the last query: sink tokens, whose key block every later row sees (8192 rows
-    against a window's 1088). Launched in grid order those blocks of the last heads start last and run alone;
-    chunks of 32 put them first and still keep a head's neighbouring blocks, which share Q and dO, together."""
+    (batch, head) pair (_heaviest_first, with _key_order finding the heavier end at run time; 0: the grid's own
+    order, a head's blocks in turn). Skewed masks (causal, prefix-LM) take chunks of 8, as the forward's rows do.
+    A banded mask's key blocks cost the same unless one of its transposed ranges runs to the last query: sink
+    tokens, whose key block every later row sees (8192 rows against a window's 1088). Launched in grid order those
+    blocks of the last heads start last and run alone; chunks of 32 put them first and still keep a head's
+    neighbouring blocks, which share Q and dO, together (backward 1.10-1.18 ms against 1.34:
+    results/2026-11-27-h100-sink-order.json)."""
     if not band:
         return 8 if skewed(pl) else 0
     return 32 if banded(pl) and any(not s.hi for s in pl.segments_t) else 0
