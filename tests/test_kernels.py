@@ -73,6 +73,11 @@ attention spec_scale {
 attention big_logits {
     score score * 64.0
 }
+attention anti_causal {
+    # keys at or after the query: the first row blocks are the heavy ones (run first: _row_order), and the last
+    # key blocks (_key_order); not banded, although the range's lower end moves with q_idx
+    mask q_idx <= kv_idx
+}
 attention negative_scale {
     # s = c * qk with c < 0: the forward's full blocks take the row max as c * min(qk), or exp2 overflows
     mask q_idx >= kv_idx
@@ -83,7 +88,7 @@ attention negative_scale {
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("name", ["python_intdiv", "empty_rows", "neg_inf_score", "never", "spec_scale",
-                                  "big_logits", "negative_scale"])
+                                  "big_logits", "negative_scale", "anti_causal"])
 def test_special_specs(build_dir, name, dtype):
     kernel, fn = compile_spec(SPECIAL, build_dir, tag="special")[name]
     for shape in (Shape(1, 2, 2, 45, 45, 32, 32), Shape(1, 1, 1, 1, 1, 16, 16), Shape(2, 2, 1, 33, 7, 16, 8)):
