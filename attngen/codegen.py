@@ -223,7 +223,7 @@ def skewed(pl: Plan) -> bool:
     return pl.sparse and any(s.q_atoms or any(d != 0 for _, d in s.lo + s.hi) for s in pl.segments)
 
 
-def key_chunks(pl: Plan, band: bool) -> int:
+def key_chunks(pl: Plan, block_map: bool) -> int:
     """The dK/dV kernels' program order: key blocks heaviest first, in chunks of this many blocks across every
     (batch, head) pair (_heaviest_first, with _key_order finding the heavier end at run time; 0: the grid's own
     order, a head's blocks in turn). Skewed masks (causal, prefix-LM) take chunks of 8, as the forward's rows do.
@@ -232,9 +232,11 @@ def key_chunks(pl: Plan, band: bool) -> int:
     blocks of the last heads start last and run alone; chunks of 32 put them first and still keep a head's
     neighbouring blocks, which share Q and dO, together (backward 1.10-1.18 ms against 1.34:
     results/2026-11-27-h100-sink-order.json)."""
-    if not band:
-        return 8 if skewed(pl) else 0
-    return 32 if banded(pl) and any(not s.hi for s in pl.segments_t) else 0
+    if block_map:  # the map's lists, not the ranges, say what a block costs
+        return 0
+    if banded(pl):
+        return 32 if any(not s.hi for s in pl.segments_t) else 0
+    return 8 if skewed(pl) else 0
 
 
 def gluon_backward(pl: Plan) -> bool:
@@ -360,7 +362,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         grads_doc=[f"{g.name}[{', '.join(py(i) for i in g.index)}] = {py(g.partial)}" for g in pl.input_grads],
         fwd=fwd, bwd=bwd, notes_fwd=notes_fwd, block_map=block_map, map_vars=map_vars, fine=fine,
         banded=band, sm90=sm90, sm90_bwd=sm90_bwd, dkdv_sm90_rows=gluon_dkdv_rows(pl),
-        longest_first=not band and skewed(pl), key_chunks=0 if block_map else key_chunks(pl, band),
+        longest_first=not band and skewed(pl), key_chunks=key_chunks(pl, block_map),
         map_code=_map_kernel_code(len(pl.segments)) if block_map else {}, notes_bwd=notes_bwd,
         input_grads=list(pl.input_grads), input_grad_lines=grad_lines,
         grad_owner=repr([g.name for g in pl.input_grads]), learnable=repr(learnable), learnable_names=list(learnable),
