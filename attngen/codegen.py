@@ -333,9 +333,10 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         args = {"serve": ["Q:*q", "K:*q", "V:*q", "Out:*q", "Lse:*fp32", "Opart:*fp32", "Mpart:*fp32", "Lpart:*fp32",
                           "Count:*i32", "CuQ:*i32", "KvInfo:*i32", "BlockTable:*i32"] + _strides("q", "thd")
                 + _strides("k", "pshd") + _strides("v", "pshd") + _strides("o", "thd") + ["stride_bt:i32"]
-                + ["H:i32", "H_KV:i32", "GROUP:i32", "n_rows:i32", "CHUNK:i32", "sm_scale:fp32"] + extra_args
+                + ["H:i32", "H_KV:i32", "GROUP:i32", "n_rows:i32", "n_tiles:i32", "grid_m:i32",
+                   "sm_scale:fp32"] + extra_args
                 + cx(["BLOCK_M", "BLOCK_N", "HP", "BLOCK_D1", "BLOCK_D2", "HAS_D2", "BLOCK_DV", "D_QK", "D_V", "PAGED",
-                      "PAGE", "SPLIT", "MERGE", "FAST_MATH", "DOT_PRECISION"]),
+                      "PAGE", "SPLIT", "MERGE", "STREAM", "BLOCK_T", "FAST_MATH", "DOT_PRECISION"]),
                 "combine": ["Opart:*fp32", "Mpart:*fp32", "Lpart:*fp32", "Out:*q", "Lse:*fp32"] + _strides("o", "thd")
                 + ["n_rows:i32", "H:i32", "n_splits:i32"] + cx(["BLOCK_S", "BLOCK_DV", "D_V"])}
         knames = {"serve": "serve_kernel", "combine": "serve_combine"}
@@ -368,6 +369,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         grad_owner=repr([g.name for g in pl.input_grads]), learnable=repr(learnable), learnable_names=list(learnable),
         read=repr(tuple(dict.fromkeys(g.name for g in pl.input_grads))),
         sig={key: _sig(a) for key, a in args.items()},
+        call={key: ", ".join(a.split(":")[0] for a in args_) for key, args_ in args.items()},
         kernel_table=[(key, f"{k.name}_{knames[key]}", repr(a)) for key, a in args.items()],
         params=[{"name": p.name, "type": p.type.value,
                  "default": None if p.default is None else literal(p.default)} for p in user.params],

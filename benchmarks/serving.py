@@ -1,6 +1,6 @@
 """Serving on the GPU: correctness at real sizes, then decode / paged / ragged / MLA / prefill timings.
 
-    python benchmarks/serving.py [--out DIR] [--skip-correctness] [--sweep configs|chunks]
+    python benchmarks/serving.py [--out DIR] [--skip-correctness] [--sweep configs|programs]
 
 Decode (PERF_ANCHORS): one query token, B=8, 32 query heads over 8 KV heads, KV length 32768, D=128,
 bf16; bytes = K + V read once. Side by side in one process with SDPA (flash, cuDNN; enable_gqa) and
@@ -41,7 +41,11 @@ def correctness(fns: dict) -> list[dict]:
              ("softcap_ragged", ServeShape(16, 16, (700, 1), (1500, 333), 64, 64), {}),
              ("mla_paged", ServeShape(16, 1, (1, 2, 1, 1), (4096, 1000, 3, 64), 576, 512, 64),
               dict(values_in_keys=True)),
-             ("causal_ragged", ServeShape(32, 8, (1,) * 8, (32768,) * 8, 128, 128), {})]
+             ("causal_ragged", ServeShape(32, 8, (1,) * 8, (32768,) * 8, 128, 128), {}),
+             # unequal lengths: stream-K by default
+             ("causal_ragged", ServeShape(32, 8, (1,) * 8, (100, 4767, 9433, 14100, 18767, 23434, 28100, 32768),
+                                          128, 128), {}),
+             ("softcap_ragged", ServeShape(16, 16, (4,) * 6, (50, 3000, 9000, 0, 12000, 700), 64, 64), {})]
     for i, (name, shape, kw) in enumerate(cases):
         kernel, fn = fns[name]
         for dtype in (torch.bfloat16, torch.float16):
@@ -156,15 +160,12 @@ def bench(fns: dict, sweep: bool) -> list[dict]:
     ragged_gb = 2 * int(lengths.sum()) * Hkv * D * 2 / 1e9
     r = row("decode attngen ragged 100..32768", do_bench(f), ragged_gb)
     r["vs_padded_gbps"] = r["gbps"] / base["gbps"]
-    if sweep == "chunks":  # fixed blocks per split against the default even shares
-        for chunk in (8, 16, 24, 32, 48, 64):
-            rc = row(f"sweep ragged CHUNK={chunk}", do_bench(
-                lambda: ragged(q3, kr, vr, cu_q, cu_r, max_seqlen_q=1, max_seqlen_k=L, config={"CHUNK": chunk})),
+    if sweep == "programs":  # stream-K's program count (default: one per SM, rounded to the kv heads)
+        for n in (64, 128, 256, 512):
+            rc = row(f"sweep ragged PROGRAMS={n}", do_bench(
+                lambda: ragged(q3, kr, vr, cu_q, cu_r, max_seqlen_q=1, max_seqlen_k=L, config={"PROGRAMS": n})),
                 ragged_gb)
             rc["vs_padded_gbps"] = rc["gbps"] / base["gbps"]
-        for chunk in (32, 64, 103, 128):
-            row(f"sweep contiguous CHUNK={chunk}", do_bench(
-                lambda: ragged(q3, k3, v3, cu_q, cu_k, max_seqlen_q=1, max_seqlen_k=L, config={"CHUNK": chunk})), gb)
 
     # MLA decode: 16 heads over one latent head of 512 + 64 rope dims; values inside the keys
     Lm, Hm = 8192, 16
@@ -205,7 +206,7 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--skip-correctness", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
-    ap.add_argument("--sweep", choices=["configs", "chunks"], help="launch configs (paged 16) or split sizes")
+    ap.add_argument("--sweep", choices=["configs", "programs"], help="launch configs (paged 16) or stream-K programs")
     a = ap.parse_args()
     import triton
 

@@ -118,7 +118,7 @@ def document(tmp: Path) -> None:
 
 
 def ragged(tmp: Path) -> None:
-    """Decode over a ragged batch (lengths 100..32768, B=8, 32 over 8 heads): split sizes and tiles."""
+    """Decode over a ragged batch (lengths 100..32768, B=8, 32 over 8 heads): stream-K programs and tiles."""
     spec = tmp / "ragged.attn"
     spec.write_text("attention rag { layout ragged  mask q_idx >= kv_idx }")
     (_, fn), = compiled(spec, tmp)
@@ -132,8 +132,8 @@ def ragged(tmp: Path) -> None:
     v = torch.randn_like(k)
     q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
     cu_q = torch.arange(B + 1, device="cuda", dtype=torch.int32)
-    for bn, st, chunk in itertools.product((64, 128), (2, 3), (None, 12, 16, 24, 32, 48)):
-        cfg = dict(BLOCK_N=bn, num_stages=st, **({"CHUNK": chunk} if chunk else {}))
+    for bn, st, n in itertools.product((64, 128), (2, 3), (None, 64, 128, 256)):
+        cfg = dict(BLOCK_N=bn, num_stages=st, **({"PROGRAMS": n} if n else {}))
         _measure(lambda: fn(q, k, v, cu_q, cu, max_seqlen_q=1, max_seqlen_k=L, config=cfg), 2 * k.numel() * 2,
                  "gbps", kind="ragged", config=cfg)
 

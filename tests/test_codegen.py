@@ -160,6 +160,8 @@ SERVING_JOBS = {  # decode (packed heads, split-KV) and prefill tiles
     "window_paged": [dict(kernel="serve", block_m=16, num_warps=4, num_stages=3, constexprs=dict(HP=4, SPLIT=True)),
                      dict(kernel="serve", block_m=16, num_warps=4, num_stages=3,
                           constexprs=dict(HP=4, SPLIT=True, MERGE=True)),
+                     dict(kernel="serve", block_m=16, num_warps=4, num_stages=3,
+                          constexprs=dict(HP=4, STREAM=True, BLOCK_T=64)),
                      dict(kernel="serve", block_m=128, num_warps=8, constexprs=dict(HP=4, PAGE=1)),
                      dict(kernel="combine", d_qk=128, d_v=128)],
     "doc_ragged": [dict(kernel="serve", block_m=128, num_warps=8, constexprs=dict(PAGED=False))],
@@ -171,8 +173,8 @@ SERVING_JOBS = {  # decode (packed heads, split-KV) and prefill tiles
 @pytest.mark.slow
 def test_serving_kernels_build_for_sm90(tmp_path):
     """Decode and prefill tiles of the paged/ragged kernels (split-KV ones with and without the in-kernel
-    merge), MLA's 576/512 dims and the combine kernel build for the H100; tensor cores (wgmma for 64+ rows,
-    mma for decode's 16) and shared memory fit."""
+    merge, and stream-K), MLA's 576/512 dims and the combine kernel build for the H100; tensor cores
+    (wgmma for 64+ rows, mma for decode's 16) and shared memory fit."""
     from attngen.aot import build_all
     from attngen.runtime import compile_file
 

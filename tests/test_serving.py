@@ -33,8 +33,8 @@ def test_every_example_on_serving_layouts(serving_examples, path, layout):
         name = kernel.name
         page = (1, 5, 16)[(len(name) + i) % 3]
         shape = ServeShape(MIXED.Hq, MIXED.Hkv, MIXED.q_lens, MIXED.kv_lens, 32, 32, page)
-        r = check_serving(kernel, fn, shape, torch.float32, DEVICE, seed=len(name),
-                          config={"SPLITS": 1 + len(name) % 3})
+        config = ({"SPLITS": 1}, {"SPLITS": 2}, {"SPLITS": 3}, {"PROGRAMS": 2}, {"PROGRAMS": 6})[(len(name) + i) % 5]
+        r = check_serving(kernel, fn, shape, torch.float32, DEVICE, seed=len(name), config=config)
         assert r.ok, f"{name} {layout} page {page}: {r.why} {r.errors}"
 
 
@@ -53,12 +53,14 @@ def specs(tmp_path_factory) -> dict:
     return {k.name: (k, fn) for k, fn in compiled(d / "s.attn", d)}
 
 
-@pytest.mark.parametrize("split", [{"SPLITS": 1}, {"SPLITS": 3}, {"SPLITS": 12}, {"CHUNK": 1}], ids=str)
+@pytest.mark.parametrize("split", [{"SPLITS": 1}, {"SPLITS": 3}, {"SPLITS": 12}, {"PROGRAMS": 3}, {"PROGRAMS": 40}],
+                         ids=str)
 @pytest.mark.parametrize("q_len", [1, 4, 16])
 def test_decode_gqa_packed_and_split(specs, split, q_len):
-    """q_len 1..16 per sequence, 4 query heads per KV head in one tile, with and without split-KV
-    (an even share of each tile's blocks, or a fixed number of blocks per split); up to MERGE_MAX splits
-    merge in the tile's last split, more (12, some of them empty) in the combine kernel."""
+    """q_len 1..16 per sequence, 4 query heads per KV head in one tile, with and without split-KV; up to
+    MERGE_MAX splits merge in the tile's last split, more (12, some of them empty) in the combine kernel.
+    Stream-K: each column's (kv head's) tiles cut into equal shares of key blocks that cross tiles, merged
+    by a tile's last program; 40 programs leave some with no work."""
     mod = __import__(specs["sw"][1].__module__, fromlist=["MERGE_MAX"])
     assert 3 <= mod.MERGE_MAX < 12
     kernel, fn = specs["sw"]
@@ -71,9 +73,10 @@ def test_mask_reading_h_gets_one_head_per_tile(specs):
     kernel, fn = specs["per_head"]
     mod = __import__(fn.__module__, fromlist=["PACK_HEADS"])
     assert mod.PACK_HEADS is False
-    r = check_serving(kernel, fn, ServeShape(4, 2, (5, 2), (9, 30), 16, 16), torch.float32, DEVICE, seed=3,
-                      config={"SPLITS": 2})
-    assert r.ok, r.why
+    for config in ({"SPLITS": 2}, {"PROGRAMS": 12}):  # stream-K's columns: one per query head here
+        r = check_serving(kernel, fn, ServeShape(4, 2, (5, 2), (9, 30), 16, 16), torch.float32, DEVICE, seed=3,
+                          config=config)
+        assert r.ok, (config, r.why)
 
 
 def test_sliding_window_reads_no_page_before_the_window(specs):
@@ -91,8 +94,9 @@ def test_mla_decode_values_inside_keys(specs):
     """DeepSeek MLA, absorbed: one latent KV head of 512 + 64 rope dims, values = the first 512."""
     kernel, fn = specs["mla"]
     shape = ServeShape(16, 1, (1, 2), (40, 17), 576, 512, page=16)
-    r = check_serving(kernel, fn, shape, torch.float16, DEVICE, seed=7, values_in_keys=True, config={"SPLITS": 2})
-    assert r.ok, r.why
+    for config in ({"SPLITS": 2}, {"PROGRAMS": 3}):
+        r = check_serving(kernel, fn, shape, torch.float16, DEVICE, seed=7, values_in_keys=True, config=config)
+        assert r.ok, (config, r.why)
 
 
 def test_fast_tanh_score_on_ragged(specs):
@@ -191,8 +195,10 @@ def test_bad_calls_name_the_problem(specs):
     for args, what in cases:
         with pytest.raises(ValueError, match=what):
             fn(*args)
-    for config, what in (({"SPLIT": 2}, r"config\['SPLIT'\]: expected one of BLOCK_M, .*SPLITS, CHUNK, got"),
+    for config, what in (({"SPLIT": 2}, r"config\['SPLIT'\]: expected one of BLOCK_M, .*SPLITS, PROGRAMS, got"),
                          ({"SPLITS": 0}, r"config\['SPLITS'\]: expected an int >= 1, got 0"),
+                         ({"PROGRAMS": 0}, r"config\['PROGRAMS'\]: expected an int >= 1, got 0"),
+                         ({"PROGRAMS": 4, "SPLITS": 2}, r"SPLITS and PROGRAMS exclude each other"),
                          ({"HP": 3}, r"config\['HP'\]: expected a power of two from 1 to 64, got 3"),
                          ({"fwd": {"BLOCK_N": 16}}, r"config\['fwd'\]: expected one of")):
         with pytest.raises(ValueError, match=what):
