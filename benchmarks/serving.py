@@ -66,6 +66,50 @@ def _pages(k: torch.Tensor, v: torch.Tensor, page: int, g):
     return kc, vc, perm.view(B, n).int()
 
 
+def _graphed(f):
+    """f captured in a CUDA graph after a warm-up on a side stream (a decode loop's usual form): the
+    replay skips the host work (checks, Triton's launch); inputs are read from the same memory."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = f()
+    return graph, out
+
+
+def _host_us(f, n: int = 200) -> float:
+    """Host time per call, issued back to back without a sync (the GPU work here is shorter)."""
+    for _ in range(10):
+        f()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        f()
+    host = (time.perf_counter() - t) / n * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def _replay_check(graph, out, f, inputs: list, g) -> float:
+    """Change the inputs in place (new values; lengths shortened), replay, and compare with an eager
+    call on the same inputs; the inputs are restored afterwards."""
+    saved = [t.clone() for t in inputs]
+    for t in inputs:
+        if t.is_floating_point():
+            t.copy_(torch.randn(t.shape, device=t.device, dtype=t.dtype, generator=g))
+        else:
+            t.sub_(torch.arange(t.numel(), device=t.device, dtype=t.dtype).view(t.shape) * 3)
+    graph.replay()
+    err = (out.float() - f().float()).abs().max().item()
+    for t, s in zip(inputs, saved):
+        t.copy_(s)
+    return err
+
+
 def bench(fns: dict, sweep: bool) -> list[dict]:
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -145,8 +189,15 @@ def bench(fns: dict, sweep: bool) -> list[dict]:
     kc, vc, table = paged16
     f = lambda: fns["window_paged"][1](q, kc, vc, table, lens, window=1024)  # noqa: E731
     f()
-    row("decode attngen paged 16, window 1024", do_bench(f), gb * 1024 / L)
-    del kc, vc, table, paged16
+    r = row("decode attngen paged 16, window 1024", do_bench(f), gb * 1024 / L)
+    r["host_us"] = _host_us(f)
+    r["sdpa_host_us"] = _host_us(lambda: torch.nn.functional.scaled_dot_product_attention(
+        qs, ks[:, :, -1024:], vs[:, :, -1024:], enable_gqa=True))
+    graph, out = _graphed(f)
+    err = _replay_check(graph, out, f, [q, lens], g)
+    row("decode attngen paged 16, window 1024 (CUDA graph)", do_bench(graph.replay), gb * 1024 / L,
+        replay_vs_eager=err)
+    del kc, vc, table, paged16, graph
 
     # ragged: lengths 100..32768 against the same batch padded to the longest
     lengths = torch.linspace(100, L, B, device=dev).long()
@@ -160,6 +211,16 @@ def bench(fns: dict, sweep: bool) -> list[dict]:
     ragged_gb = 2 * int(lengths.sum()) * Hkv * D * 2 / 1e9
     r = row("decode attngen ragged 100..32768", do_bench(f), ragged_gb)
     r["vs_padded_gbps"] = r["gbps"] / base["gbps"]
+    r["host_us"] = _host_us(f)
+    # the same two batches replayed from CUDA graphs: no flush, no host work
+    graph_p, _ = _graphed(lambda: ragged(q3, k3, v3, cu_q, cu_k, max_seqlen_q=1, max_seqlen_k=L))
+    graph_r, out = _graphed(f)
+    err = _replay_check(graph_r, out, f, [q3], g)
+    rp = row("decode attngen contiguous (CUDA graph)", do_bench(graph_p.replay), gb)
+    rr = row("decode attngen ragged 100..32768 (CUDA graph)", do_bench(graph_r.replay), ragged_gb,
+             replay_vs_eager=err)
+    rr["vs_padded_gbps"] = rr["gbps"] / rp["gbps"]
+    del graph_p, graph_r
     if sweep == "programs":  # stream-K's program count (default: one per SM, rounded to the kv heads)
         for n in (64, 128, 256, 512):
             rc = row(f"sweep ragged PROGRAMS={n}", do_bench(
