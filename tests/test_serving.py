@@ -69,6 +69,17 @@ def test_decode_gqa_packed_and_split(specs, split, q_len):
     assert r.ok, r.why
 
 
+@pytest.mark.parametrize("programs", [1, 2, 3, 5, 40])
+def test_stream_k_tiles_without_keys(specs, programs):
+    """Stream-K: tiles with queries but no keys do no work, yet their rows must be written (0, LSE -inf) by
+    exactly one program, also where they sit on a share's boundary: first, last, and between two shares."""
+    kernel, fn = specs["sw"]
+    shape = ServeShape(8, 2, (2, 1, 3, 1, 2), (0, 30, 0, 17, 0), 32, 32, page=8)
+    r = check_serving(kernel, fn, shape, torch.float32, DEVICE, seed=programs,
+                      config={"PROGRAMS": 2 * programs, "BLOCK_N": 16})
+    assert r.ok, r.why
+
+
 def test_mask_reading_h_gets_one_head_per_tile(specs):
     kernel, fn = specs["per_head"]
     mod = __import__(fn.__module__, fromlist=["PACK_HEADS"])
