@@ -209,7 +209,8 @@ def test_bad_calls_name_the_problem(specs):
     for config, what in (({"SPLIT": 2}, r"config\['SPLIT'\]: expected one of BLOCK_M, .*SPLITS, PROGRAMS, got"),
                          ({"SPLITS": 0}, r"config\['SPLITS'\]: expected an int >= 1, got 0"),
                          ({"PROGRAMS": 0}, r"config\['PROGRAMS'\]: expected an int >= 1, got 0"),
-                         ({"PROGRAMS": 4, "SPLITS": 2}, r"SPLITS and PROGRAMS exclude each other"),
+                         ({"PROGRAMS": 4, "SPLITS": 2},
+                          r"config: expected SPLITS \(split-KV\) or PROGRAMS \(stream-K\), not both, got SPLITS=2"),
                          ({"HP": 3}, r"config\['HP'\]: expected a power of two from 1 to 64, got 3"),
                          ({"fwd": {"BLOCK_N": 16}}, r"config\['fwd'\]: expected one of")):
         with pytest.raises(ValueError, match=what):
