@@ -4,6 +4,8 @@ each result is checked against the interpreter with the fp64-calibrated toleranc
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from conftest import DEVICE, EXAMPLES
@@ -78,6 +80,48 @@ def test_stream_k_tiles_without_keys(specs, programs):
     r = check_serving(kernel, fn, shape, torch.float32, DEVICE, seed=programs,
                       config={"PROGRAMS": 2 * programs, "BLOCK_N": 16})
     assert r.ok, r.why
+
+
+def test_checked_calls_are_remembered(specs):
+    """A call whose arguments have the metadata of a checked one (shapes, strides, dtypes, devices, params)
+    skips the checks and the planning. Its results equal an unremembered call's (config={}) for new values;
+    other strides or another param value get their own plan; a call that must fail still fails."""
+    _, fn = specs["sw"]
+    mod = sys.modules[fn.__module__]
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    B, H, Hkv, D, page, n_pages = 3, 8, 2, 32, 8, 12
+    pool = torch.randn(B * n_pages, page, Hkv, 2 * D, device=DEVICE, generator=g)
+    kc, vc = pool[..., :D], pool[..., D:]  # views with strides of 2 D
+    table = torch.randperm(B * n_pages, device=DEVICE, generator=g).view(B, n_pages).int()
+    lens = torch.tensor([5, 90, 33], dtype=torch.int32, device=DEVICE)
+    mod._PLANS.clear()
+    for _ in range(3):
+        q = torch.randn(B, 1, H, D, device=DEVICE, generator=g)
+        assert torch.equal(fn(q, kc, vc, table, lens, window=8), fn(q, kc, vc, table, lens, window=8, config={}))
+    assert len(mod._PLANS) == 1
+    kc2, vc2 = kc.contiguous(), vc.contiguous()
+    assert torch.equal(fn(q, kc2, vc2, table, lens, window=8), fn(q, kc2, vc2, table, lens, window=8, config={}))
+    assert torch.equal(fn(q, kc, vc, table, lens, window=5), fn(q, kc, vc, table, lens, window=5, config={}))
+    assert len(mod._PLANS) == 3
+    with pytest.raises(ValueError, match="inference"):
+        fn(q.clone().requires_grad_(), kc, vc, table, lens, window=8)
+    with pytest.raises(ValueError, match="kv_lens"):
+        fn(q, kc, vc, table, lens[:2], window=8)
+    with pytest.raises(ValueError, match="window"):
+        fn(q, kc, vc, table, lens, window=8.5)
+    # ragged: remembered only when the longest lengths are given (else they are read from the device)
+    _, rag = specs["capped"]
+    cu_q = torch.tensor([0, 1, 3], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 40, 47], dtype=torch.int32, device=DEVICE)
+    qr = torch.randn(3, 4, 16, device=DEVICE, generator=g)
+    kr = torch.randn(47, 4, 16, device=DEVICE, generator=g)
+    before = len(sys.modules[rag.__module__]._PLANS)
+    rag(qr, kr, kr, cu_q, cu_k)
+    assert len(sys.modules[rag.__module__]._PLANS) == before
+    for _ in range(2):
+        got = rag(qr, kr, kr, cu_q, cu_k, max_seqlen_q=2, max_seqlen_k=40)
+    assert torch.equal(got, rag(qr, kr, kr, cu_q, cu_k, config={}))
+    assert len(sys.modules[rag.__module__]._PLANS) == before + 1
 
 
 def test_mask_reading_h_gets_one_head_per_tile(specs):
