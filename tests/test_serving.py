@@ -109,6 +109,11 @@ def test_checked_calls_are_remembered(specs):
         fn(q, kc, vc, table, lens[:2], window=8)
     with pytest.raises(ValueError, match="window"):
         fn(q, kc, vc, table, lens, window=8.5)
+    # a 0-d tensor for a value (its value is read on the host): never remembered
+    for sc in (0.1, 0.3):
+        t = torch.tensor(sc)
+        assert torch.equal(fn(q, kc, vc, table, lens, window=8, scale=t),
+                           fn(q, kc, vc, table, lens, window=8, scale=sc, config={}))
     # ragged: remembered only when the longest lengths are given (else they are read from the device)
     _, rag = specs["capped"]
     cu_q = torch.tensor([0, 1, 3], dtype=torch.int32, device=DEVICE)
