@@ -116,17 +116,18 @@ def test_checked_calls_are_remembered(specs):
                            fn(q, kc, vc, table, lens, window=8, scale=sc, config={}))
     # ragged: remembered only when the longest lengths are given (else they are read from the device)
     _, rag = specs["capped"]
+    plans = sys.modules[rag.__module__]._PLANS
     cu_q = torch.tensor([0, 1, 3], dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, 40, 47], dtype=torch.int32, device=DEVICE)
     qr = torch.randn(3, 4, 16, device=DEVICE, generator=g)
     kr = torch.randn(47, 4, 16, device=DEVICE, generator=g)
-    before = len(sys.modules[rag.__module__]._PLANS)
+    before = len(plans)
     rag(qr, kr, kr, cu_q, cu_k)
-    assert len(sys.modules[rag.__module__]._PLANS) == before
+    assert len(plans) == before
     for _ in range(2):
         got = rag(qr, kr, kr, cu_q, cu_k, max_seqlen_q=2, max_seqlen_k=40)
     assert torch.equal(got, rag(qr, kr, kr, cu_q, cu_k, config={}))
-    assert len(sys.modules[rag.__module__]._PLANS) == before + 1
+    assert len(plans) == before + 1
 
 
 def test_mask_reading_h_gets_one_head_per_tile(specs):
