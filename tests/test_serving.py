@@ -4,7 +4,9 @@ each result is checked against the interpreter with the fp64-calibrated toleranc
 
 from __future__ import annotations
 
+import inspect
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -103,6 +105,10 @@ def test_checked_calls_are_remembered(specs):
     assert torch.equal(fn(q, kc2, vc2, table, lens, window=8), fn(q, kc2, vc2, table, lens, window=8, config={}))
     assert torch.equal(fn(q, kc, vc, table, lens, window=5), fn(q, kc, vc, table, lens, window=5, config={}))
     assert len(mod._PLANS) == 3
+    # Triton specializes pointers on 16-byte alignment: a misaligned view gets its own plan
+    qm = torch.randn(q.numel() + 1, device=DEVICE, generator=g)[1:].view(q.shape)
+    assert torch.equal(fn(qm, kc, vc, table, lens, window=8), fn(qm, kc, vc, table, lens, window=8, config={}))
+    assert len(mod._PLANS) == 4
     with pytest.raises(ValueError, match="inference"):
         fn(q.clone().requires_grad_(), kc, vc, table, lens, window=8)
     with pytest.raises(ValueError, match="kv_lens"):
@@ -128,6 +134,78 @@ def test_checked_calls_are_remembered(specs):
         got = rag(qr, kr, kr, cu_q, cu_k, max_seqlen_q=2, max_seqlen_k=40)
     assert torch.equal(got, rag(qr, kr, kr, cu_q, cu_k, config={}))
     assert len(plans) == before + 1
+
+
+class _Jit:
+    """Stands in for a JIT kernel on a GPU: launches the real (interpreted) kernel and returns a stand-in for
+    the compiled variant (_Compiled)."""
+
+    def __init__(self, real):
+        self.real, self.direct = real, 0
+        self.params = [SimpleNamespace(name=n, default=p.default)
+                       for n, p in inspect.signature(real.fn).parameters.items()]
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.real[grid](*args, **kw)
+            return _Compiled(self)
+        return launch
+
+
+class _Compiled:
+    """Its launcher takes every argument positionally in the kernel's order (constexprs too, as Triton's
+    does) and launches the real kernel by name, so a misplaced or missing argument shows."""
+
+    packed_metadata = None
+
+    def __init__(self, jit: _Jit):
+        self.jit = jit
+
+    def __getitem__(self, grid):
+        assert len(grid) == 3  # as Triton's launcher reads it
+
+        def launch(*args):
+            assert len(args) == len(self.jit.params)
+            self.jit.direct += 1
+            self.jit.real[grid](**{p.name: a for p, a in zip(self.jit.params, args)})
+        return launch
+
+
+def test_remembered_calls_launch_the_compiled_variant(specs, monkeypatch):
+    """After a remembered plan's first launch (through the JIT), its calls launch the compiled variant
+    directly, with the same arguments: results equal a JIT-launched call's (config={}) for new values."""
+    _, fn = specs["sw"]
+    mod = sys.modules[fn.__module__]
+    jit = _Jit(mod.sw_serve_kernel)
+    monkeypatch.setattr(mod, "sw_serve_kernel", jit)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(mod, "_PLANS", {})  # plans holding the stand-ins end with the test
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    B, H, Hkv, D, page = 3, 8, 2, 32, 8
+    kc, vc = (torch.randn(B * 6, page, Hkv, D, device=DEVICE, generator=g) for _ in range(2))
+    table = torch.randperm(B * 6, device=DEVICE, generator=g).view(B, 6).int()
+    lens = torch.tensor([7, 41, 20], dtype=torch.int32, device=DEVICE)
+    for i in range(3):
+        q = torch.randn(B, 2, H, D, device=DEVICE, generator=g)
+        got = fn(q, kc, vc, table, lens, window=9)
+        assert jit.direct == i
+        assert torch.equal(got, fn(q, kc, vc, table, lens, window=9, config={}))
+    assert not torch.equal(got, fn(q, kc, vc, table, lens, window=5))  # the params reach the kernel
+    # stream-K (a one-dimensional grid) on a ragged batch, as on a GPU with 16 SMs
+    _, rag = specs["capped"]
+    rmod = sys.modules[rag.__module__]
+    jit = _Jit(rmod.capped_serve_kernel)
+    monkeypatch.setattr(rmod, "capped_serve_kernel", jit)
+    monkeypatch.setattr(rmod, "_sms", lambda device: 16)
+    monkeypatch.setattr(rmod, "_PLANS", {})
+    cu_q = torch.tensor([0, 1, 3], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 40, 47], dtype=torch.int32, device=DEVICE)
+    kr = torch.randn(47, 4, 16, device=DEVICE, generator=g)
+    for i in range(2):
+        qr = torch.randn(3, 4, 16, device=DEVICE, generator=g)
+        got = rag(qr, kr, kr, cu_q, cu_k, max_seqlen_q=2, max_seqlen_k=40)
+        assert jit.direct == i
+        assert torch.equal(got, rag(qr, kr, kr, cu_q, cu_k, config={"PROGRAMS": 16}))
 
 
 def test_mask_reading_h_gets_one_head_per_tile(specs):
