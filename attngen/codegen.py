@@ -247,11 +247,13 @@ def gluon_backward(pl: Plan) -> bool:
     return not ({"q_idx", "kv_idx"} & (pl.logit.vars() | pl.dlogit.vars()))
 
 
-def gluon_dkdv_rows(pl: Plan) -> int:
-    """The Gluon dK/dV's queries per step (BLOCK_M). A score nonlinear in qk (softcap) keeps its derivative's
-    temporaries live beside dK and dV: 64 rows spill (1124 bytes), 32 do not and run faster; a linear score
-    runs faster at 64 (full 3.57 ms against 4.10, softcap 3.11 against 2.58: results/2026-11-27-h100-dkdv-rows.json)."""
-    return 32 if "qk" in pl.dlogit.vars() else 64
+def dscore_reads_qk(pl: Plan) -> bool:
+    """Whether d score / d qk reads qk (a score nonlinear in qk, e.g. softcap). Its temporaries then live beside
+    dK and dV in the Gluon dK/dV, so the kernel folds them into P^T before it waits for V dO^T. (Live across
+    the wait, at 64 queries a step, they spilled 1132 bytes and ran slower than 32 queries:
+    results/2026-11-27-h100-dkdv-rows.json. Scores linear in qk keep the order that runs faster for them:
+    results/2026-11-27-h100-dkdv-order.json.)"""
+    return "qk" in pl.dlogit.vars()
 
 
 def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
@@ -362,7 +364,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         dscore_lines=dp.lines, dscore_expr=dscore_expr, dscore_src=py(pl.dlogit),
         grads_doc=[f"{g.name}[{', '.join(py(i) for i in g.index)}] = {py(g.partial)}" for g in pl.input_grads],
         fwd=fwd, bwd=bwd, notes_fwd=notes_fwd, block_map=block_map, map_vars=map_vars, fine=fine,
-        banded=band, sm90=sm90, sm90_bwd=sm90_bwd, dkdv_sm90_rows=gluon_dkdv_rows(pl),
+        banded=band, sm90=sm90, sm90_bwd=sm90_bwd, dscore_reads_qk=dscore_reads_qk(pl),
         longest_first=not band and skewed(pl), key_chunks=key_chunks(pl, block_map),
         map_code=_map_kernel_code(len(pl.segments)) if block_map else {}, notes_bwd=notes_bwd,
         input_grads=list(pl.input_grads), input_grad_lines=grad_lines,

@@ -333,3 +333,15 @@ def probe(Out, W: tl.constexpr):
     mod.probe[(n0, n1)](out, W=w)
     assert sorted(map(tuple, out.tolist())) == [(j, b) for j in range(n0) for b in range(n1)]
     assert out[: n1 * min(w, n0), 0].max() < min(w, n0)  # the first programs take the heaviest chunk
+
+
+@pytest.mark.parametrize("name, early", [("softcap", True), ("causal", False)])
+def test_gluon_dkdv_folds_a_nonlinear_dscore_before_the_wait(name, early):
+    """Where d score / d qk reads qk (softcap), the Gluon dK/dV multiplies it into P^T before it waits for
+    V dO^T, so its temporaries do not live across the wait (the kernel is checked on the GPU); a score linear
+    in qk keeps the product after the wait."""
+    path = ROOT / "examples" / f"{name}.attn"
+    src = compile_source(path.read_text(), str(path))[name]
+    step = src[src.index("def _dkdv90_step"):src.index("def _dkdv90_compute")]
+    assert (step.index("_dscore(") < step.index("dpT = warpgroup_mma_wait")) == early
+    assert '"dkdv_sm90": (64, 128)' in src
