@@ -3,8 +3,10 @@ must be set before triton is imported anywhere."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -61,3 +63,39 @@ def example_names() -> list[str]:
     from attngen import load_kernels
 
     return [n for p in EXAMPLES for n in load_kernels(str(p))]
+
+
+class StandInJit:
+    """Stands in for a JIT kernel on a GPU (tests of the direct launch of compiled variants): launches the real
+    (interpreted) kernel and returns a stand-in for the compiled variant (_StandInCompiled); `direct` counts the
+    launches that went through that instead."""
+
+    def __init__(self, real):
+        self.real, self.direct = real, 0
+        self.params = [SimpleNamespace(name=n, default=p.default)
+                       for n, p in inspect.signature(real.fn).parameters.items()]
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.real[grid](*args, **kw)
+            return _StandInCompiled(self)
+        return launch
+
+
+class _StandInCompiled:
+    """Its launcher takes every argument positionally in the kernel's order (constexprs too, as Triton's
+    does) and launches the real kernel by name, so a misplaced or missing argument shows."""
+
+    packed_metadata = None
+
+    def __init__(self, jit: StandInJit):
+        self.jit = jit
+
+    def __getitem__(self, grid):
+        assert len(grid) == 3  # as Triton's launcher reads it
+
+        def launch(*args):
+            assert len(args) == len(self.jit.params)
+            self.jit.direct += 1
+            self.jit.real[grid](**{p.name: a for p, a in zip(self.jit.params, args)})
+        return launch

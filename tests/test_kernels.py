@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICE, compile_spec, example_names
+from conftest import DEVICE, StandInJit, compile_spec, example_names
 
 from attngen.verify import CPU_SHAPES, GPU_SHAPES, Shape, check, make_inputs, params_for
 
@@ -349,3 +349,51 @@ def test_dilated_row_statistics_tile_the_buffer(examples, S):
         assert rows.shape == (2, 3, len(range(r, S, d))) and rows.is_contiguous()
         seen.append(rows.flatten())
     assert torch.equal(torch.cat(seen), flat)
+
+
+@pytest.mark.parametrize("name", ["causal", "alibi", "document", "dilated"])
+def test_repeated_launches_call_the_compiled_variant(examples, monkeypatch, name):
+    """A launch whose arguments match an earlier one's (tensors by dtype and alignment, the rest by value) runs
+    the compiled variant that the JIT picked for it, directly (on a GPU: Triton's binding is skipped). Stand-ins
+    check the arguments it passes: forward and backward (learnable inputs included) of repeated calls with new
+    values equal those of the interpreted kernels; another length goes through the JIT again."""
+    kernel, fn = examples[name]
+    mod = sys.modules[fn.__module__]
+
+    def call(seed, S=100):
+        q, k, v, inputs = make_inputs(kernel, Shape(1, 2, 2, S, S, 16, 16), torch.float32, DEVICE, seed)
+        leaves = [t.requires_grad_() for t in (q, k, v, *inputs.values()) if t.is_floating_point()]
+        out = fn(q, k, v, *inputs.values(), **params_for(kernel, Shape(1, 2, 2, S, S, 16, 16)))
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE))
+        return [out.detach(), *(t.grad for t in leaves)]
+
+    want = [call(seed) for seed in range(3)]
+    jits = [StandInJit(getattr(mod, f"{name}_{k}_kernel")) for k in ("fwd", "bwd_dq", "bwd_dkdv")]
+    for k, jit in zip(("fwd", "bwd_dq", "bwd_dkdv"), jits):
+        monkeypatch.setattr(mod, f"{name}_{k}_kernel", jit)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(mod, "_LAUNCHED", {})
+    for seed in range(3):
+        got = call(seed)
+        assert all(j.direct > 0 for j in jits) == (seed > 0)
+        for a, b in zip(got, want[seed]):
+            assert torch.equal(a, b)
+    before = [j.direct for j in jits]
+    call(0, S=120)
+    assert [j.direct for j in jits] == before
+
+
+def test_launch_signatures_tell_apart_what_triton_specializes_on(examples):
+    """Direct launches reuse a compiled variant only for a launch with the same _signature, which must tell
+    apart everything Triton specializes on: pointer alignment (16 bytes), dtypes, int values (Triton: 1,
+    divisibility by 16, 32 or 64 bits), argument types (1, True and 1.0), keywords and grids."""
+    mod = sys.modules[examples["causal"][1].__module__]
+    sig = lambda args, kw=None, grid=(4, 2): mod._signature("k", grid, args, kw or {})  # noqa: E731
+    x = torch.randn(64)
+    assert sig((x[:32],)) == sig((torch.randn(32),))
+    assert sig((x[:32],)) != sig((x[1:33],))  # 4 bytes off: not 16-byte aligned
+    assert sig((x,)) != sig((x.half(),))
+    assert len({sig((a,)) for a in (1, True, 1.0, 16, 17, 2 ** 31, None)}) == 7
+    assert sig((1,), {"BLOCK_M": 64}) != sig((1,), {"BLOCK_M": 128})
+    assert sig((1,), grid=(4, 2)) != sig((1,), grid=(4, 3))
+    assert sig(((1, 2),)) is None and sig((object(),)) is None

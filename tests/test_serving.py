@@ -4,13 +4,11 @@ each result is checked against the interpreter with the fp64-calibrated toleranc
 
 from __future__ import annotations
 
-import inspect
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import DEVICE, EXAMPLES
+from conftest import DEVICE, EXAMPLES, StandInJit
 
 from attngen.verify import ServeShape, check_serving, compiled
 
@@ -136,47 +134,12 @@ def test_checked_calls_are_remembered(specs):
     assert len(plans) == before + 1
 
 
-class _Jit:
-    """Stands in for a JIT kernel on a GPU: launches the real (interpreted) kernel and returns a stand-in for
-    the compiled variant (_Compiled)."""
-
-    def __init__(self, real):
-        self.real, self.direct = real, 0
-        self.params = [SimpleNamespace(name=n, default=p.default)
-                       for n, p in inspect.signature(real.fn).parameters.items()]
-
-    def __getitem__(self, grid):
-        def launch(*args, **kw):
-            self.real[grid](*args, **kw)
-            return _Compiled(self)
-        return launch
-
-
-class _Compiled:
-    """Its launcher takes every argument positionally in the kernel's order (constexprs too, as Triton's
-    does) and launches the real kernel by name, so a misplaced or missing argument shows."""
-
-    packed_metadata = None
-
-    def __init__(self, jit: _Jit):
-        self.jit = jit
-
-    def __getitem__(self, grid):
-        assert len(grid) == 3  # as Triton's launcher reads it
-
-        def launch(*args):
-            assert len(args) == len(self.jit.params)
-            self.jit.direct += 1
-            self.jit.real[grid](**{p.name: a for p, a in zip(self.jit.params, args)})
-        return launch
-
-
 def test_remembered_calls_launch_the_compiled_variant(specs, monkeypatch):
     """After a remembered plan's first launch (through the JIT), its calls launch the compiled variant
     directly, with the same arguments: results equal a JIT-launched call's (config={}) for new values."""
     _, fn = specs["sw"]
     mod = sys.modules[fn.__module__]
-    jit = _Jit(mod.sw_serve_kernel)
+    jit = StandInJit(mod.sw_serve_kernel)
     monkeypatch.setattr(mod, "sw_serve_kernel", jit)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(mod, "_PLANS", {})  # plans holding the stand-ins end with the test
@@ -194,7 +157,7 @@ def test_remembered_calls_launch_the_compiled_variant(specs, monkeypatch):
     # stream-K (a one-dimensional grid) on a ragged batch, as on a GPU with 16 SMs
     _, rag = specs["capped"]
     rmod = sys.modules[rag.__module__]
-    jit = _Jit(rmod.capped_serve_kernel)
+    jit = StandInJit(rmod.capped_serve_kernel)
     monkeypatch.setattr(rmod, "capped_serve_kernel", jit)
     monkeypatch.setattr(rmod, "_sms", lambda device: 16)
     monkeypatch.setattr(rmod, "_PLANS", {})
