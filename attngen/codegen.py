@@ -338,7 +338,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
                 + ["H:i32", "H_KV:i32", "GROUP:i32", "n_rows:i32", "n_tiles:i32", "grid_m:i32",
                    "sm_scale:fp32"] + extra_args
                 + cx(["BLOCK_M", "BLOCK_N", "HP", "BLOCK_D1", "BLOCK_D2", "HAS_D2", "BLOCK_DV", "D_QK", "D_V", "PAGED",
-                      "PAGE", "SPLIT", "MERGE", "STREAM", "BLOCK_T", "FAST_MATH", "DOT_PRECISION"]),
+                      "PAGE", "SPLIT", "MERGE", "STREAM", "BLOCK_T", "FAST_MATH", "DOT_PRECISION", "V_IN_K"]),
                 "combine": ["Opart:*fp32", "Mpart:*fp32", "Lpart:*fp32", "Out:*q", "Lse:*fp32"] + _strides("o", "thd")
                 + ["n_rows:i32", "H:i32", "n_splits:i32"] + cx(["BLOCK_S", "BLOCK_DV", "D_V"])}
         knames = {"serve": "serve_kernel", "combine": "serve_combine"}

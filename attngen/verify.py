@@ -277,7 +277,8 @@ def serving_case(kernel, shape: ServeShape, dtype, device, seed: int, values_in_
     keys = [rnd(n, s.Hkv, s.Dqk) for n in s.kv_lens]
     vals = [k[..., : s.Dv].clone() if values_in_keys else rnd(n, s.Hkv, s.Dv) for k, n in zip(keys, s.kv_lens)]
     if kernel.layout.kind == "ragged":
-        args = (q, torch.cat(keys), torch.cat(vals), cu_q,
+        kr = torch.cat(keys)
+        args = (q, kr, kr[..., : s.Dv] if values_in_keys else torch.cat(vals), cu_q,
                 torch.tensor([0, *s.kv_lens], dtype=torch.int64).cumsum(0).to(torch.int32).to(device))
     else:
         pages = [-(-n // s.page) for n in s.kv_lens]

@@ -166,7 +166,10 @@ SERVING_JOBS = {  # decode (packed heads, split-KV) and prefill tiles
                      dict(kernel="combine", d_qk=128, d_v=128)],
     "doc_ragged": [dict(kernel="serve", block_m=128, num_warps=8, constexprs=dict(PAGED=False))],
     "mla_paged": [dict(kernel="serve", d_qk=576, d_v=512, block_m=64, block_n=32, num_warps=4, num_stages=1,
-                       constexprs=dict(HP=64, SPLIT=True))],
+                       constexprs=dict(HP=64, SPLIT=True)),
+                  # the decode default: values read from the key tile, two 64-key stages
+                  dict(kernel="serve", d_qk=576, d_v=512, block_m=16, block_n=64, num_warps=4, num_stages=2,
+                       constexprs=dict(HP=16, SPLIT=True, V_IN_K=True))],
 }
 
 

@@ -44,6 +44,7 @@ SPEC = """
 attention sw { layout paged  param window: int = 8  mask q_idx >= kv_idx and q_idx - kv_idx < window }
 attention per_head { layout ragged  mask q_idx >= kv_idx and (h % 2 == 0 or kv_idx % 2 == 0) }
 attention mla { layout paged  heads kv = 1  scale 0.0721687836  mask q_idx >= kv_idx }
+attention mla_packed { layout ragged  heads kv = 1  scale 0.0721687836  mask q_idx >= kv_idx }
 attention capped { layout ragged  score 5.0 * tanh(score / 5.0)  mask q_idx >= kv_idx }
 """
 
@@ -199,6 +200,33 @@ def test_mla_decode_values_inside_keys(specs):
     for config in ({"SPLITS": 2}, {"PROGRAMS": 3}):
         r = check_serving(kernel, fn, shape, torch.float16, DEVICE, seed=7, values_in_keys=True, config=config)
         assert r.ok, (config, r.why)
+
+
+def test_mla_values_inside_packed_keys(specs):
+    """Ragged MLA with v = k[..., :512], a view: the kernel reads the values from the key tile (V_IN_K)."""
+    kernel, fn = specs["mla_packed"]
+    shape = ServeShape(16, 1, (1, 3), (40, 17), 576, 512)
+    for config in (None, {"SPLITS": 2}):
+        r = check_serving(kernel, fn, shape, torch.float16, DEVICE, seed=8, values_in_keys=True, config=config)
+        assert r.ok, (config, r.why)
+
+
+def test_plans_tell_values_inside_keys_apart(specs):
+    """A remembered plan that reads the values from the keys (v a view of k) must not serve a later call
+    whose separate values have the same shapes and strides: that call gets the values it passed."""
+    from attngen.verify import serving_case
+
+    kernel, fn = specs["mla"]
+    shape = ServeShape(16, 1, (1, 1), (33, 20), 576, 512, page=16).fit(kernel)
+    (q, kc, vc, table, lens), kw, _ = serving_case(kernel, shape, torch.float16, DEVICE, 9, values_in_keys=True)
+    assert vc.data_ptr() == kc.data_ptr()
+    kw["max_seqlen_q"] = 1  # a key for the plan: the second call may reuse it
+    fn(q, kc, vc, table, lens, **kw)  # remembered, with the values inside the keys
+    other = torch.randn(kc.shape, generator=torch.Generator().manual_seed(3)).to(kc)
+    v2 = other[..., :512]  # same metadata as vc, other memory
+    got = fn(q, kc, v2, table, lens, **kw)
+    want = fn(q, kc, v2.contiguous(), table, lens, **kw)  # other strides: a plan of its own
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_fast_tanh_score_on_ragged(specs):
