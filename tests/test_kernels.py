@@ -91,8 +91,12 @@ attention negative_scale {
                                   "big_logits", "negative_scale", "anti_causal"])
 def test_special_specs(build_dir, name, dtype):
     kernel, fn = compile_spec(SPECIAL, build_dir, tag="special")[name]
+    # logits of |c| = 64 and 8 x qk in float32: the backward recomputes qk (as K Q^T in dK/dV) in another summation
+    # order than the forward, and the logit's scale amplifies that rounding into P; the interpreter keeps one P.
+    # dV's error was 9-10x the interpreter's with numpy's float32 products on an AVX-512 CPU, within 4x on others
+    k = 16.0 if dtype == torch.float32 and name in ("big_logits", "negative_scale") else None
     for shape in (Shape(1, 2, 2, 45, 45, 32, 32), Shape(1, 1, 1, 1, 1, 16, 16), Shape(2, 2, 1, 33, 7, 16, 8)):
-        r = check(kernel, fn, shape, dtype, DEVICE, seed=7)
+        r = check(kernel, fn, shape, dtype, DEVICE, seed=7, k_factor=k)
         assert r.ok, f"{shape}: {r.why}"
 
 
