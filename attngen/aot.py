@@ -81,6 +81,7 @@ def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128,
             "setmaxnreg": "setmaxnreg" in ptx,  # warp specialization moving registers to the consumers
             "fast_tanh": "tanh.approx.f32" in ptx,
             "tma": "cp.async.bulk.tensor" in ptx, "cp_async": "cp.async.ca" in ptx or "cp.async.cg" in ptx,
+            "global_loads": ptx.count("ld.global"),  # plain loads: latency a warp waits for, unlike TMA's
             "fits": k.metadata.shared <= H100_SHARED_BYTES}
 
 

@@ -126,6 +126,10 @@ def sm90_builds(tmp_path_factory):
     return dict(zip(keys, build_all(jobs)))
 
 
+# the examples whose mask or score reads an input tensor (their kernels load it from global memory)
+READS_TENSORS = {n: "\nINPUTS = {}\n" not in src for p in EXAMPLES for n, src in compile_source(p.read_text()).items()}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for p in EXAMPLES for n in compile_source(p.read_text())])
 def test_builds_for_sm90(sm90_builds, name):
@@ -147,6 +151,9 @@ def test_builds_for_sm90(sm90_builds, name):
         gluon = i in GLUON_JOBS
         if gluon:  # warp-specialized: TMA loads, and setmaxnreg moving registers to the consumers
             assert r["tma"] and r["setmaxnreg"], f"{name} {i}: not the warp-specialized TMA kernel"
+        if gluon and "dkdv" in i and not READS_TENSORS[name]:  # every input by TMA, LSE and delta too: no step
+            # waits on a plain load (a score that reads an input tensor, as temperature's temp[h], loads it)
+            assert r["global_loads"] == 0, f"{name} {i}: {r['global_loads']} loads from global memory"
         if name in ("softcap", "gemma_local", "gemma_global") and (numbered or gluon) and not no_dot:
             assert r["fast_tanh"], f"{name} job {i}: 16-bit kernels should use tanh.approx.f32"
 

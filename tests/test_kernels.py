@@ -355,6 +355,18 @@ def test_dilated_row_statistics_tile_the_buffer(examples, S):
     assert torch.equal(torch.cat(seen), flat)
 
 
+@pytest.mark.parametrize("S", [333, 64, 1])
+def test_backward_row_vectors_start_on_16_bytes(examples, S):
+    """delta and m + log2(l) for the backward (_rows) keep each (batch, head) row at a multiple of 4 floats, the
+    stride every backward kernel indexes them by (_vec_stride): the Gluon dK/dV copies 64-row blocks of them by
+    TMA, and a copy from a row start off 16 bytes is an illegal instruction on the H100."""
+    mod = sys.modules[examples["causal"][1].__module__]
+    t = mod._rows(2, 3, S, "cpu")
+    pad = -(-S // 4) * 4
+    assert t.shape == (2, 3, S) and t.stride() == (3 * pad, pad, 1) and t.dtype == torch.float32
+    assert t.untyped_storage().nbytes() == 2 * 3 * pad * 4
+
+
 @pytest.mark.parametrize("name", ["causal", "alibi", "document", "dilated"])
 def test_repeated_launches_call_the_compiled_variant(examples, monkeypatch, name):
     """A launch whose arguments match an earlier one's (tensors by dtype and alignment, the rest by value) runs
