@@ -194,9 +194,9 @@ def _compare(ours: dict, gold: dict, ref: dict, name: str, device, learnable=(),
              ) -> tuple[dict, list[str]]:
     """Each tensor's error against the fp64 golden must stay within K x the interpreter's own error
     in the same dtype (K_FACTOR, or k) plus a floor of a few ulps of its scale. Returns (errors, reasons to fail)."""
-    k = K_FACTOR[name] if k is None else k
     import torch
 
+    k = K_FACTOR[name] if k is None else k
     errors, why = {}, []
     if torch.isnan(ours["out"]).any() or torch.isnan(ours["lse"]).any():
         why.append("NaN in output")
