@@ -126,12 +126,13 @@ def sm90_builds(tmp_path_factory):
     return dict(zip(keys, build_all(jobs)))
 
 
-# the examples whose mask or score reads an input tensor (their kernels load it from global memory)
+# each example's kernels, rendered once at collection: whether its mask or score reads an input tensor (its
+# kernels then load it from global memory)
 READS_TENSORS = {n: "\nINPUTS = {}\n" not in src for p in EXAMPLES for n, src in compile_source(p.read_text()).items()}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for p in EXAMPLES for n in compile_source(p.read_text())])
+@pytest.mark.parametrize("name", list(READS_TENSORS))
 def test_builds_for_sm90(sm90_builds, name):
     """Every example compiles for the H100 on this CPU machine: wgmma in the PTX, shared memory fits."""
     results = {k: r for k, r in sm90_builds.items() if k[0] == name}
