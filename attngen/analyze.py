@@ -57,6 +57,7 @@ class Symbols:
             s.add(name, Op.VAR, T.INT, integer=True, nonnegative=True)
         for name in ("q_len", "kv_len"):
             s.add(name, Op.VAR, T.INT, integer=True, positive=True)
+        s.add("kv0", Op.VAR, T.INT, integer=True, nonnegative=True)  # the origin of a split logit's positions
         s.add("score", Op.VAR, T.FLOAT, real=True)
         s.add("qk", Op.VAR, T.FLOAT, real=True)
         s.add("sm_scale", Op.VAR, T.FLOAT, positive=True)
@@ -363,6 +364,21 @@ class Plan:
     input_grads: tuple[InputGrad, ...]
     notes: tuple[str, ...] = ()
     logit_scale: Node | None = None   # c where the logit is c * qk and c depends on sm_scale alone
+    split: Split | None = None        # the logit as a qk term, a key term and a query term
+
+
+@dataclass(frozen=True)
+class Split:
+    """A logit c * qk + f(kv_idx) + g(q_idx) (ALiBi's), written about an origin kv0 as
+    c * qk + key - shift with key = f(kv_idx) - f(kv0) and shift = -g(q_idx) - f(kv0). The kernels form
+    c * qk + key (key: a vector over a block's keys) and move shift into the row statistics (P = exp2(logit - LSE)
+    = exp2(c * qk + key - (LSE + shift))), so no 2-D index tile lives beside the accumulators (ALiBi's Gluon
+    dK/dV spilled 860 bytes with one). kv0 is the program's first row, query or key: key stays within a block's
+    span and float32 keeps the entries that matter exact (where shift is large, their probability is negligible)."""
+
+    qk: Node      # c: reads no position
+    key: Node     # reads kv_idx and kv0, not q_idx
+    shift: Node   # reads q_idx and kv0, not kv_idx
 
 
 def _direction(e, q) -> int | None:
@@ -510,16 +526,40 @@ def plan(k: Kernel, sparse: bool = True) -> Plan:
     c = sp.diff(logit_sp, syms["qk"])
     linear = c.free_symbols <= {syms["sm_scale"]} and sp.simplify(logit_sp - c * syms["qk"]) == 0
     scale = _printable(c, syms, k, "the score's scale") if linear and c != 0 else None
+    split = _split(logit_sp, c, syms, k)
     everything = Segment((), (), (), (), mask is not None)
     if not sparse:
         return Plan(mask, logit, (everything,), (everything,), False, dlogit, grads, ("sparsity analysis off",),
-                    scale)
+                    scale, split)
     found = _segments(mask_sp, syms)
     found_t = _segments(mask_sp, syms, row="kv_idx", col="q_idx")
     if found is None or found_t is None:
         return Plan(mask, logit, (everything,), (everything,), False, dlogit, grads,
-                    ("mask too complex for block ranges",), scale)
-    return Plan(mask, logit, found[0], found_t[0], True, dlogit, grads, tuple(found[1]), scale)
+                    ("mask too complex for block ranges",), scale, split)
+    return Plan(mask, logit, found[0], found_t[0], True, dlogit, grads, tuple(found[1]), scale, split)
+
+
+def _split(logit, c, syms: Symbols, k: Kernel) -> Split | None:
+    """The logit's Split, when it reads positions and every term of logit - c * qk reads kv_idx or q_idx
+    but not both (a term reading neither joins the query's)."""
+    q, kv, qk, kv0 = syms["q_idx"], syms["kv_idx"], syms["qk"], syms["kv0"]
+    if not {q, kv} & logit.free_symbols or c.free_symbols & {q, kv, qk}:
+        return None
+    rest = sp.expand(logit - c * qk)
+    if rest.has(qk):
+        return None
+    key, query = sp.Integer(0), sp.Integer(0)
+    for term in sp.Add.make_args(rest):
+        reads = term.free_symbols
+        if {q, kv} <= reads:
+            return None
+        if kv in reads:
+            key += term
+        else:
+            query += term
+    # factor_terms keeps differences of positions together (slope * (kv_idx - kv0)): exact in integers
+    key, shift = sp.factor_terms(key - key.subs(kv, kv0)), sp.factor_terms(-query - key.subs(kv, kv0))
+    return Split(*(_printable(e, syms, k, "the score") for e in (c, key, shift)))
 
 
 def _printable(e, syms: Symbols, k: Kernel, what: str) -> Node:

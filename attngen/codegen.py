@@ -15,7 +15,7 @@ from .resources import resource_dir
 from .rewrite import rewrite
 from .runtime import writable_cache
 
-_KERNEL_VARS = {v: v for v in ("b", "h", "q_idx", "kv_idx", "q_len", "kv_len", "qk", "sm_scale")}
+_KERNEL_VARS = {v: v for v in ("b", "h", "q_idx", "kv_idx", "q_len", "kv_len", "qk", "sm_scale", "kv0")}
 _TYPE_SIG = {"int": "i32", "float": "fp32", "bool": "i32"}
 _PTR_SIG = {"bool": "*i1", "int8": "*i8", "uint8": "*u8", "int16": "*i16", "int32": "*i32",
             "int64": "*i64", "float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32",
@@ -243,8 +243,23 @@ def gluon_backward(pl: Plan) -> bool:
     """Whether the module gets the Gluon dK/dV and dQ kernels (with the Gluon forward's conditions). The dK/dV
     consumer holds dK, dV and two score tiles in registers; a score that reads positions keeps index tiles live
     too and spills (ALiBi's backward: 4.21 ms against 3.65 with the Triton dK/dV,
-    results/2026-11-27-h100-gluon-regs.json)."""
-    return not ({"q_idx", "kv_idx"} & (pl.logit.vars() | pl.dlogit.vars()))
+    results/2026-11-27-h100-gluon-regs.json). A split logit (Plan.split) forms no such tile."""
+    return pl.split is not None or not ({"q_idx", "kv_idx"} & (pl.logit.vars() | pl.dlogit.vars()))
+
+
+def _split_hooks(k: Kernel, pl: Plan, helpers: set[str]) -> dict | None:
+    """The bodies of _logit_qk, _logit_key and _lse_shift: (lines, expression) each. A term that does not read
+    its position still returns a vector over it, as the kernels index it so."""
+    if pl.split is None:
+        return None
+    out = {}
+    for part, var in (("qk", "qk"), ("key", "kv_idx"), ("shift", "q_idx")):
+        pr = TritonPrinter(k, _KERNEL_VARS, prefix=f"{part}_")
+        node = getattr(pl.split, part)
+        expr = pr(node) if part != "qk" else f"{pr(node)} * qk"
+        out[part] = (pr.lines, expr if var in node.vars() or part == "qk" else f"{expr} + 0.0 * {var}")
+        helpers |= pr.helpers
+    return out
 
 
 def dscore_reads_qk(pl: Plan) -> bool:
@@ -283,6 +298,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     if block_map:
         fwd, bwd = _with_map(fwd, "i_m"), _with_map(bwd, "i_n")
     grad_lines, grad_extra_args = _input_grad_code(k, pl, helpers)
+    split = _split_hooks(k, pl, helpers)
 
     extra_args = [f"{param_name(p.name)}:{_TYPE_SIG[p.type.value]}" for p in k.params]
     host_extra = [f"{_cast(p.type.value)}(params[{p.name!r}])" for p in k.params]
@@ -364,7 +380,9 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         dscore_lines=dp.lines, dscore_expr=dscore_expr, dscore_src=py(pl.dlogit),
         grads_doc=[f"{g.name}[{', '.join(py(i) for i in g.index)}] = {py(g.partial)}" for g in pl.input_grads],
         fwd=fwd, bwd=bwd, notes_fwd=notes_fwd, block_map=block_map, map_vars=map_vars, fine=fine,
-        banded=band, sm90=sm90, sm90_bwd=sm90_bwd, dscore_reads_qk=dscore_reads_qk(pl),
+        banded=band, sm90=sm90, sm90_bwd=sm90_bwd, dscore_reads_qk=dscore_reads_qk(pl), split=split,
+        split_doc=[f"{label} = {py(n)}" for label, n in (("c", pl.split.qk), ("key", pl.split.key),
+                                                          ("shift", pl.split.shift))] if split else [],
         longest_first=not band and skewed(pl), key_chunks=key_chunks(pl, block_map),
         map_code=_map_kernel_code(len(pl.segments)) if block_map else {}, notes_bwd=notes_bwd,
         input_grads=list(pl.input_grads), input_grad_lines=grad_lines,

@@ -152,6 +152,35 @@ def test_plan_details():
     assert repr(simplify(k).mask) == "ge(q_idx, kv_idx)"
 
 
+@pytest.mark.parametrize("score, splits", [
+    ("score + slopes[h] * (kv_idx - q_idx)", True),                       # ALiBi
+    ("score * 0.75 + log(kv_idx + 1.0) * 0.5 - sqrt(q_idx + 2.0) * 0.25 + 0.125", True),
+    ("score / slopes[h] - q_idx * 0.5", True),                           # a query term alone; c reads a tensor
+    ("score", False),                                                     # nothing to split: no positions
+    ("score + slopes[h] * kv_idx * q_idx", False),                        # a term reads both positions
+    ("score * (1.0 + 0.001 * kv_idx)", False),                            # c reads a position
+    ("30.0 * tanh(score / 30.0) + 0.1 * kv_idx", False),                 # not linear in qk
+])
+def test_logit_split(score, splits):
+    """Plan.split: c * qk + key - shift is the logit exactly, key vanishes at its origin kv0 (so it stays small
+    over a program's keys), and it is found only where every term reads one position at most."""
+    import sympy as sp
+
+    from attngen.analyze import Symbols, to_sympy
+    from attngen.lower import lower
+    from attngen.parse import parse
+
+    k = lower(parse(f"attention x {{ input slopes: float32[h]\n score {score} }}"))[0]
+    p = plan(k)
+    assert (p.split is not None) is splits
+    if splits:
+        syms = Symbols.for_kernel(k)
+        qk, key, shift, logit = (to_sympy(n, syms) for n in (p.split.qk, p.split.key, p.split.shift, p.logit))
+        assert sp.simplify(qk * syms["qk"] + key - shift - logit).is_zero
+        assert sp.simplify(key.subs(syms["kv_idx"], syms["kv0"])).is_zero
+        assert syms["q_idx"] not in key.free_symbols and syms["kv_idx"] not in shift.free_symbols
+
+
 @pytest.mark.parametrize("mask, d", [("(q_idx - kv_idx) % 2 == 0 and q_idx >= kv_idx", 2),
                                      ("q_idx >= kv_idx and 0 == (kv_idx - q_idx) % 3", 3),
                                      ("(q_idx - kv_idx) % 2 == 1", 1),          # other residues: no rewrite

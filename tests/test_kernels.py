@@ -78,6 +78,12 @@ attention anti_causal {
     # key blocks (_key_order); not banded, although the range's lower end moves with q_idx
     mask q_idx <= kv_idx
 }
+attention separable {
+    # a logit c * qk + f(kv_idx) + g(q_idx), nonlinear in each position: the dK/dV kernels take it split
+    # (analyze.Split: the key term per program, the query term in the LSE)
+    score score * 0.75 + log(kv_idx + 1.0) * 0.5 - sqrt(q_idx + 2.0) * 0.25 + 0.125
+    mask  q_idx + 8 >= kv_idx
+}
 attention negative_scale {
     # s = c * qk with c < 0: the forward's full blocks take the row max as c * min(qk), or exp2 overflows
     mask q_idx >= kv_idx
@@ -88,7 +94,7 @@ attention negative_scale {
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("name", ["python_intdiv", "empty_rows", "neg_inf_score", "never", "spec_scale",
-                                  "big_logits", "negative_scale", "anti_causal"])
+                                  "big_logits", "negative_scale", "anti_causal", "separable"])
 def test_special_specs(build_dir, name, dtype):
     kernel, fn = compile_spec(SPECIAL, build_dir, tag="special")[name]
     # logits of |c| = 64 and 8 x qk in float32: the backward recomputes qk (as K Q^T in dK/dV) in another summation
