@@ -79,11 +79,12 @@ def test_gluon_keys(examples):
     for good in ({"GLUON": False}, {"fwd": {"GLUON": False}}, {"bwd": {"GLUON": False}}, {"dkdv": {"GLUON": False}},
                  {"dq": {"GLUON": False}}):
         fn(q, k, v, config=good)
-    # ALiBi's score reads positions: no Gluon dK/dV kernel (codegen's sm90_bwd), so no such key either
-    alibi = examples["alibi"][1]
-    assert not hasattr(_mod(examples, "alibi"), "alibi_bwd_dkdv_sm90_kernel")
+    # relative bias reads both positions in one term (no split logit): no Gluon dK/dV kernel (codegen's sm90_bwd),
+    # so no such key either
+    rel = examples["relative_bias"][1]
+    assert not hasattr(_mod(examples, "relative_bias"), "relative_bias_bwd_dkdv_sm90_kernel")
     with pytest.raises(ValueError, match="GLUON"):
-        alibi(q, k, v, torch.rand(2), config={"dkdv": {"GLUON": False}})
+        rel(q, k, v, torch.rand(2, 65), config={"dkdv": {"GLUON": False}})
 
 
 def _bwd_tensors(dtype=torch.bfloat16, d: int = 64, sq: int = 64):
@@ -273,5 +274,7 @@ def test_which_modules_have_the_gluon_backward():
     assert "_fwd_sm90_kernel" in code and "_bwd_dkdv_sm90_kernel" in code
     code = compile_source("attention m { layout bshd }")["m"]  # its strides go into the same descriptors
     assert "_bwd_dq_sm90_kernel" in code and "_bwd_dkdv_sm90_kernel" in code
-    code = compile_source("attention m { score score + (kv_idx - q_idx) * 0.1 }")["m"]  # reads positions
+    code = compile_source("attention m { score score + (kv_idx - q_idx) * 0.1 }")["m"]  # split: key and query terms
+    assert "_bwd_dq_sm90_kernel" in code and "_bwd_dkdv_sm90_kernel" in code and "def _lse_shift" in code
+    code = compile_source("attention m { score score + (kv_idx * q_idx) * 0.001 }")["m"]  # one term reads both
     assert "_fwd_sm90_kernel" in code and "_bwd_dkdv_sm90_kernel" not in code and "_bwd_dq_sm90_kernel" not in code
