@@ -374,7 +374,8 @@ class Split:
     c * qk + key (key: a vector over a block's keys) and move shift into the row statistics (P = exp2(logit - LSE)
     = exp2(c * qk + key - (LSE + shift))), so no 2-D index tile lives beside the accumulators (ALiBi's Gluon
     dK/dV spilled 860 bytes with one). kv0 is the program's first row, query or key: key stays within a block's
-    span and float32 keeps the entries that matter exact (where shift is large, their probability is negligible)."""
+    span (where shift is large, the entry's probability is negligible). The Triton kernels split for 16-bit inputs
+    only: in float32 the backward recomputes the forward's logits bit for bit, which different origins would not."""
 
     qk: Node      # c: reads no position
     key: Node     # reads kv_idx and kv0, not q_idx
@@ -541,17 +542,20 @@ def plan(k: Kernel, sparse: bool = True) -> Plan:
 
 def _split(logit, c, syms: Symbols, k: Kernel) -> Split | None:
     """The logit's Split, when it reads positions and every term of logit - c * qk reads kv_idx or q_idx
-    but not both (a term reading neither joins the query's)."""
+    but not both (a term reading neither joins the query's). Terms must be polynomials in the positions, with
+    no infinity and no tensor read at a position: f(kv_idx) - f(kv0) must stay finite (a -inf key bias at kv0
+    would give NaN), and a -inf query term would empty a row, which a shift of the LSE cannot express."""
     q, kv, qk, kv0 = syms["q_idx"], syms["kv_idx"], syms["qk"], syms["kv0"]
     if not {q, kv} & logit.free_symbols or c.free_symbols & {q, kv, qk}:
         return None
     rest = sp.expand(logit - c * qk)
-    if rest.has(qk):
+    if rest.has(qk, sp.oo, -sp.oo, sp.zoo, sp.nan):
         return None
     key, query = sp.Integer(0), sp.Integer(0)
     for term in sp.Add.make_args(rest):
         reads = term.free_symbols
-        if {q, kv} <= reads:
+        if {q, kv} <= reads or not term.is_polynomial(q, kv) or any(
+                _is_tensor(f) for f in term.atoms(sp.Function) if f.func.__name__.startswith("in_")):
             return None
         if kv in reads:
             key += term

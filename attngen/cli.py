@@ -24,6 +24,8 @@ def _cmd_compile(a) -> int:
             print(f"  after sympy: score = {s.score!r}")
             p = plan(k, sparse=not a.dense)
             print(f"  logit (log2 units) = {p.logit!r}")
+            if p.split:
+                print(f"  split logit: c = {p.split.qk!r}, key = {p.split.key!r}, shift = {p.split.shift!r}")
             for i, seg in enumerate(p.segments):
                 print(f"  segment {i}: {_describe(seg)}")
             for note in p.notes:

@@ -154,7 +154,10 @@ def test_plan_details():
 
 @pytest.mark.parametrize("score, splits", [
     ("score + slopes[h] * (kv_idx - q_idx)", True),                       # ALiBi
-    ("score * 0.75 + log(kv_idx + 1.0) * 0.5 - sqrt(q_idx + 2.0) * 0.25 + 0.125", True),
+    ("score * 0.75 + 0.0005 * kv_idx * kv_idx - 0.02 * q_idx + 0.125", True),  # polynomial in each position
+    ("score + log(kv_idx + 1.0)", False),                                 # not a polynomial: may be infinite
+    ("score + (-inf if kv_idx >= 20 else 0.0)", False),                   # -inf - (-inf) would be NaN
+    ("score + kb[kv_idx]", False),                                        # a read at a position: may hold -inf
     ("score / slopes[h] - q_idx * 0.5", True),                           # a query term alone; c reads a tensor
     ("score", False),                                                     # nothing to split: no positions
     ("score + slopes[h] * kv_idx * q_idx", False),                        # a term reads both positions
@@ -170,7 +173,7 @@ def test_logit_split(score, splits):
     from attngen.lower import lower
     from attngen.parse import parse
 
-    k = lower(parse(f"attention x {{ input slopes: float32[h]\n score {score} }}"))[0]
+    k = lower(parse(f"attention x {{ input slopes: float32[h]\n input kb: float32[kv_len]\n score {score} }}"))[0]
     p = plan(k)
     assert (p.split is not None) is splits
     if splits:

@@ -39,6 +39,10 @@ def test_emit_ir():
     r = _run("compile", str(ROOT / "examples/sink_window.attn"), "--emit", "ir")
     assert r.returncode == 0, r.stderr
     assert "kernel sink_window" in r.stdout and "segment 1:" in r.stdout and "logit" in r.stdout
+    assert "split logit" not in r.stdout
+    r = _run("compile", str(ROOT / "examples/alibi.attn"), "--emit", "ir")
+    assert "split logit: c = mul(1.4426950408889634, sm_scale), key = mul(mul(1.4426950408889634, slopes[h]), " \
+           "sub(kv_idx, kv0))" in r.stdout
 
 
 def test_load_uses_a_versioned_cache(tmp_path, monkeypatch):

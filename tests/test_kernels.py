@@ -79,10 +79,20 @@ attention anti_causal {
     mask q_idx <= kv_idx
 }
 attention separable {
-    # a logit c * qk + f(kv_idx) + g(q_idx), nonlinear in each position: the dK/dV kernels take it split
-    # (analyze.Split: the key term per program, the query term in the LSE)
-    score score * 0.75 + log(kv_idx + 1.0) * 0.5 - sqrt(q_idx + 2.0) * 0.25 + 0.125
+    # a logit c * qk + f(kv_idx) + g(q_idx), f quadratic: 16-bit inputs take it split (analyze.Split: a key
+    # vector per block, the query term in the row statistics); float32 keeps the unsplit logit
+    score score * 0.75 + 0.0005 * kv_idx * kv_idx - 0.02 * q_idx + 0.125
     mask  q_idx + 8 >= kv_idx
+}
+attention dilated_alibi {
+    # split and rewritten: the strided sub-problems' positions (2 * q_idx + r) enter the key and query terms
+    input slopes: float32[h]
+    score score + slopes[h] * (kv_idx - q_idx)
+    mask  q_idx >= kv_idx and (q_idx - kv_idx) % 2 == 0
+}
+attention key_neg_inf {
+    # a key term that can be -inf is not split: f(kv_idx) - f(kv0) would give NaN where f(kv0) = -inf
+    score score + (-inf if kv_idx >= 20 else 0.0)
 }
 attention negative_scale {
     # s = c * qk with c < 0: the forward's full blocks take the row max as c * min(qk), or exp2 overflows
@@ -94,7 +104,8 @@ attention negative_scale {
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("name", ["python_intdiv", "empty_rows", "neg_inf_score", "never", "spec_scale",
-                                  "big_logits", "negative_scale", "anti_causal", "separable"])
+                                  "big_logits", "negative_scale", "anti_causal", "separable",
+                                  "dilated_alibi", "key_neg_inf"])
 def test_special_specs(build_dir, name, dtype):
     kernel, fn = compile_spec(SPECIAL, build_dir, tag="special")[name]
     # logits of |c| = 64 and 8 x qk in float32: the backward recomputes qk (as K Q^T in dK/dV) in another summation
@@ -104,6 +115,15 @@ def test_special_specs(build_dir, name, dtype):
     for shape in (Shape(1, 2, 2, 45, 45, 32, 32), Shape(1, 1, 1, 1, 1, 16, 16), Shape(2, 2, 1, 33, 7, 16, 8)):
         r = check(kernel, fn, shape, dtype, DEVICE, seed=7, k_factor=k)
         assert r.ok, f"{shape}: {r.why}"
+
+
+def test_split_logit_keeps_float32_exact(build_dir):
+    """float32 inputs keep the unsplit logit: the split's origins differ between the forward (a query block) and the
+    dK/dV (a key block), so its backward would not recompute the forward's logits bit for bit, and large logits
+    (here slopes of either sign over 130 positions) turn that into dV errors above 4x the interpreter's."""
+    kernel, fn = compile_spec(SPECIAL, build_dir, tag="special")["dilated_alibi"]
+    r = check(kernel, fn, Shape(1, 2, 1, 130, 100, 16, 16), torch.float32, DEVICE, seed=7)
+    assert r.ok, r.why
 
 
 def test_fully_masked_rows_are_zero(build_dir):
