@@ -253,11 +253,15 @@ def _split_hooks(k: Kernel, pl: Plan, helpers: set[str]) -> dict | None:
     if pl.split is None:
         return None
     out = {}
-    for part, var in (("qk", "qk"), ("key", "kv_idx"), ("shift", "q_idx")):
+    for part, var in (("qk", None), ("key", "kv_idx"), ("shift", "q_idx")):
         pr = TritonPrinter(k, _KERNEL_VARS, prefix=f"{part}_")
         node = getattr(pl.split, part)
-        expr = pr(node) if part != "qk" else f"{pr(node)} * qk"
-        out[part] = (pr.lines, expr if var in node.vars() or part == "qk" else f"{expr} + 0.0 * {var}")
+        expr = pr(node)
+        if var is None:  # the hook returns c * qk
+            expr = f"{expr} * qk"
+        elif var not in node.vars():
+            expr = f"{expr} + 0.0 * {var}"
+        out[part] = (pr.lines, expr)
         helpers |= pr.helpers
     return out
 
