@@ -13,6 +13,13 @@ Atoms in q_idx alone that are half-lines are checked at q0 and q1; atoms in
 neither are scalar guards. Any other atom that reads kv_idx (a tensor load, a
 modulus, `!=`) is *residual*: it keeps the segment's range but makes every
 block partial. A block that is full for one conjunct is full for the mask.
+
+Runs. A top-level conjunct `T[p.., q_idx] == T[p.., kv_idx]` (a document id, say) is residual here, so
+such masks get a runtime block map. Its kernel first compares spans: where the ids of a tile's rows
+and those of its columns span disjoint ranges, no pair is equal (empty); where all are one id, every
+pair is (full, if the rest of the mask, with its own sympy ranges `Plan.rest`, is). Only the other
+tiles evaluate the mask. That holds for any ids; for non-decreasing ids (sorted documents, whose
+positions form runs) disjoint spans are also necessary, so only truly partial tiles get evaluated.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import sympy as sp
 from sympy.logic.boolalg import to_dnf
 
 from .errors import AttnError
-from .ir import Kernel, Node, Op, T, const, verify
+from .ir import Kernel, Node, Op, T, conjuncts, const, verify
 
 LOG2E = 1.0 / math.log(2.0)
 MAX_SEGMENTS = 4
@@ -365,6 +372,16 @@ class Plan:
     notes: tuple[str, ...] = ()
     logit_scale: Node | None = None   # c where the logit is c * qk and c depends on sm_scale alone
     split: Split | None = None        # the logit as a qk term, a key term and a query term
+    runs: tuple[Run, ...] = ()        # conjuncts T[.., q_idx] == T[.., kv_idx] (see the module docstring)
+    rest: tuple[Segment, ...] = ()    # forward segments of the mask without its runs
+
+
+@dataclass(frozen=True)
+class Run:
+    """A conjunct T[prefix.., q_idx] == T[prefix.., kv_idx]: `q` and `kv` are its two loads."""
+
+    q: Node
+    kv: Node
 
 
 @dataclass(frozen=True)
@@ -483,11 +500,11 @@ def _segments(mask, syms: Symbols, row: str = "q_idx", col: str = "kv_idx"
         dnf = to_dnf(mask, simplify=False)
     except Exception:  # pragma: no cover - sympy refuses exotic forms
         return None
-    conjuncts = dnf.args if isinstance(dnf, sp.Or) else (dnf,)
-    if len(conjuncts) > MAX_SEGMENTS:
+    terms = dnf.args if isinstance(dnf, sp.Or) else (dnf,)
+    if len(terms) > MAX_SEGMENTS:
         return None
     segs, notes = [], []
-    for c in conjuncts:
+    for c in terms:
         atoms = c.args if isinstance(c, sp.And) else (c,)
         lo, hi, qa, guards, residual = [], [], [], [], False
         for a in atoms:
@@ -511,6 +528,34 @@ def _segments(mask, syms: Symbols, row: str = "q_idx", col: str = "kv_idx"
                 guards.append(from_sympy(a, syms))
         segs.append(Segment(tuple(lo), tuple(hi), tuple(qa), tuple(guards), residual))
     return tuple(segs), notes
+
+
+def _run(atom: Node) -> Run | None:
+    """The Run of `T[p.., q_idx] == T[p.., kv_idx]` (either side), else None. The prefix indices must be
+    the same and read neither position, so that one run of T serves a whole row of tiles."""
+    if atom.op is not Op.EQ or any(s.op is not Op.LOAD for s in atom.srcs):
+        return None
+    a, b = atom.srcs
+    if a.arg != b.arg or a.srcs[:-1] != b.srcs[:-1] or any(i.vars() & {"q_idx", "kv_idx"} for i in a.srcs[:-1]):
+        return None
+    last = {s.srcs[-1].arg: s for s in (a, b) if s.srcs[-1].op is Op.VAR}
+    return Run(last["q_idx"], last["kv_idx"]) if set(last) == {"q_idx", "kv_idx"} else None
+
+
+def _runs(mask: Node | None, syms: Symbols) -> tuple[tuple[Run, ...], tuple[Segment, ...]]:
+    """The mask's top-level runs and the forward segments of what is left ((), () if none)."""
+    if mask is None:
+        return (), ()
+    parts = conjuncts(mask)
+    runs = [r for r in map(_run, parts) if r is not None]
+    rest = [c for c in parts if _run(c) is None]
+    if not runs:
+        return (), ()
+    left = sp.true
+    for c in rest:
+        left = sp.And(left, sympify(c, syms))
+    found = _segments(left, syms)
+    return (tuple(runs), found[0]) if found is not None else ((), ())
 
 
 def plan(k: Kernel, sparse: bool = True) -> Plan:
@@ -537,7 +582,8 @@ def plan(k: Kernel, sparse: bool = True) -> Plan:
     if found is None or found_t is None:
         return Plan(mask, logit, (everything,), (everything,), False, dlogit, grads,
                     ("mask too complex for block ranges",), scale, split)
-    return Plan(mask, logit, found[0], found_t[0], True, dlogit, grads, tuple(found[1]), scale, split)
+    runs, rest = _runs(k.mask, syms)
+    return Plan(mask, logit, found[0], found_t[0], True, dlogit, grads, tuple(found[1]), scale, split, runs, rest)
 
 
 def _split(logit, c, syms: Symbols, k: Kernel) -> Split | None:

@@ -151,6 +151,16 @@ def _map_kernel_code(n_segments: int) -> dict:
     return {"in_range": inside, "known_full": full}
 
 
+def _run_code(k: Kernel, pl: Plan, helpers: set[str]) -> list[dict]:
+    """For each run of the plan, the map kernel's loads of its ids over the tile's rows (o_r) and columns (o_c)."""
+    out = []
+    for i, run in enumerate(pl.runs):
+        pr = TritonPrinter(k, {**_KERNEL_VARS, "q_idx": "o_r", "kv_idx": "o_c"}, prefix=f"r{i}_")
+        out.append({"q": pr(run.q), "kv": pr(run.kv), "lines": pr.lines, "src": f"{py(run.q)} == {py(run.kv)}"})
+        helpers |= pr.helpers
+    return out
+
+
 def _describe(seg: Segment, side: Side = FWD) -> str:
     lo = ", ".join(py(n) for n, _ in seg.lo) or "0"
     hi = ", ".join(py(n) for n, _ in seg.hi) or f"{side.n_col} - 1"
@@ -299,6 +309,9 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     map_vars = sorted(pl.mask.vars() & {"b", "h"}) if block_map else []
     band = block_map or banded(pl)  # narrow key ranges: small tiles, plain program order
     fine = fwd  # the map kernel visits fine tiles with the forward's orientation and names
+    runs = _run_code(k, pl, helpers) if block_map else []
+    if runs:  # the map kernel's ranges: the mask's without its runs, which the ids' spans decide
+        fine = _visit(k, pl.rest, helpers, FWD)
     if block_map:
         fwd, bwd = _with_map(fwd, "i_m"), _with_map(bwd, "i_n")
     grad_lines, grad_extra_args = _input_grad_code(k, pl, helpers)
@@ -388,7 +401,8 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         split_doc=[f"{label} = {py(n)}" for label, n in (("c", pl.split.qk), ("key", pl.split.key),
                                                           ("shift", pl.split.shift))] if split else [],
         longest_first=not band and skewed(pl), key_chunks=key_chunks(pl, block_map),
-        map_code=_map_kernel_code(len(pl.segments)) if block_map else {}, notes_bwd=notes_bwd,
+        map_code=_map_kernel_code(len(pl.rest if runs else pl.segments)) if block_map else {}, runs=runs,
+        notes_bwd=notes_bwd,
         input_grads=list(pl.input_grads), input_grad_lines=grad_lines,
         grad_owner=repr([g.name for g in pl.input_grads]), learnable=repr(learnable), learnable_names=list(learnable),
         read=repr(tuple(dict.fromkeys(g.name for g in pl.input_grads))),

@@ -110,6 +110,11 @@ class Node:
         return f"{self.op.value}({inner})"
 
 
+def conjuncts(n: Node) -> list[Node]:
+    """The top-level operands of a chain of `and`s."""
+    return conjuncts(n.srcs[0]) + conjuncts(n.srcs[1]) if n.op is Op.AND else [n]
+
+
 def const(value: int | float | bool, span: Span | None = None) -> Node:
     t = T.BOOL if isinstance(value, bool) else T.INT if isinstance(value, int) else T.FLOAT
     return Node(Op.CONST, t, (), value, span)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .ir import Kernel, Node, Op, Param, T, const
+from .ir import Kernel, Node, Op, Param, T, conjuncts, const
 
 # the rewritten kernel's extra params, set by the host per sub-problem (user names start with a letter)
 RESIDUE, Q_LEN, KV_LEN = "_r", "_q_len", "_kv_len"
@@ -22,10 +22,6 @@ RESIDUE, Q_LEN, KV_LEN = "_r", "_q_len", "_kv_len"
 class Rewritten:
     kernel: Kernel     # what the kernels compute
     dilation: int      # 1: unchanged
-
-
-def _conjuncts(n: Node) -> list[Node]:
-    return _conjuncts(n.srcs[0]) + _conjuncts(n.srcs[1]) if n.op is Op.AND else [n]
 
 
 def _dilation(atom: Node) -> int | None:
@@ -58,7 +54,7 @@ def rewrite(k: Kernel, enabled: bool = True) -> Rewritten:
     """The kernel the templates should compile, and how the host must launch it."""
     if not enabled or k.mask is None or any(n.op is Op.LOAD for n in k.mask.walk()):
         return Rewritten(k, 1)  # masks that read tensors get a runtime block map instead
-    ds = {_dilation(c) for c in _conjuncts(k.mask)} - {None}
+    ds = {_dilation(c) for c in conjuncts(k.mask)} - {None}
     if len(ds) != 1:
         return Rewritten(k, 1)
     d = ds.pop()

@@ -201,3 +201,27 @@ def test_dilation_rewrite_fires_only_when_exact(mask, d):
     if d > 1:  # sympy folds the congruence away: no residual atom, so blocks can be full
         p = plan(rw.kernel)
         assert p.segments and not any(s.residual for s in p.segments)
+
+
+@pytest.mark.parametrize("mask, runs", [
+    ("doc[b, q_idx] == doc[b, kv_idx] and q_idx >= kv_idx", ["doc[b, q_idx] == doc[b, kv_idx]"]),
+    ("doc[b, kv_idx] == doc[b, q_idx]", ["doc[b, q_idx] == doc[b, kv_idx]"]),
+    ("q_idx >= kv_idx and doc[b, q_idx] == doc[b, kv_idx] and doc[0, q_idx] == doc[0, kv_idx]",
+     ["doc[b, q_idx] == doc[b, kv_idx]", "doc[0, q_idx] == doc[0, kv_idx]"]),
+    ("doc[b, q_idx] == doc[0, kv_idx]", []),                      # different rows of the ids
+    ("doc[b, q_idx] + 1 == doc[b, kv_idx]", []),                  # not an equality of two reads
+    ("doc[b, q_idx] == doc[b, kv_idx] or q_idx >= kv_idx", []),    # not a top-level conjunct
+    ("doc[b, q_idx] != doc[b, kv_idx]", []),
+    ("doc[q_idx, kv_idx] == doc[q_idx, q_idx]", []),              # the prefix reads a position
+])
+def test_runs_are_found(mask, runs, tmp_path):
+    from attngen.printer import PythonPrinter
+
+    path = tmp_path / "t.attn"
+    path.write_text(f"attention t {{ input doc: int32[b, kv_len]\n mask {mask} }}")
+    pl = plan(load_kernels(str(path))["t"])
+    py = PythonPrinter()
+    assert [f"{py(r.q)} == {py(r.kv)}" for r in pl.runs] == runs
+    if runs:  # what is left keeps its ranges: the causal bound where the mask has one
+        assert bool(pl.rest) and not any(s.residual for s in pl.rest)
+        assert any(s.hi for s in pl.rest) == ("q_idx >= kv_idx" in mask)

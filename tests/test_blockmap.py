@@ -195,3 +195,46 @@ def test_only_tensor_masks_get_a_map(path):
         assert ("_blockmap_kernel" in code) == (name in MAPPED), name
         assert ("BLOCK_MAP" in code) == (name in MAPPED), name
         assert f"{name}.block_map = _block_map" in code
+
+
+RUNS_SPEC = """
+attention two_runs {
+    input doc_id: int32[b, kv_len]
+    input seg: int32[kv_len]
+    mask doc_id[b, q_idx] == doc_id[b, kv_idx] and q_idx >= kv_idx and seg[kv_idx] == seg[q_idx]
+}
+attention doc_only { input doc_id: int32[b, kv_len]
+    mask doc_id[b, kv_idx] == doc_id[b, q_idx] }
+"""
+
+
+def _ids(kind: str, B: int, S: int, seed: int) -> torch.Tensor:
+    """Document ids: sorted runs, runs in shuffled order (grouped, not sorted), or scattered values."""
+    g = torch.Generator().manual_seed(seed)
+    sorted_ = torch.randint(0, 4, (B, S), generator=g).sort(-1).values
+    if kind == "grouped":  # the same runs, ids permuted: spans overlap, pairs still grouped
+        sorted_ = torch.randperm(4, generator=g)[sorted_]
+    if kind == "scattered":
+        sorted_ = torch.randint(0, 3, (B, S), generator=g)
+    return sorted_.to(torch.int32).to(DEVICE)
+
+
+@pytest.mark.parametrize("kind", ["sorted", "grouped", "scattered"])
+@pytest.mark.parametrize("shape", [Shape(2, 2, 1, 77, 77, 16, 16), Shape(2, 2, 1, 97, 40, 16, 16),
+                                   Shape(1, 2, 2, 40, 97, 16, 16)], ids=str)
+def test_runs_decide_tiles_exactly(build_dir, kind, shape):
+    """Masks with runs (analyze.Run): the map kernel decides tiles by the ids' spans and evaluates the rest;
+    the map must equal the brute force for any ids (sorted, grouped out of order, scattered), with q_len past
+    the ids' length (those rows read id 0), and with two runs and a sympy range beside them."""
+    for name, (kernel, fn) in compile_spec(RUNS_SPEC, build_dir, tag="runs").items():
+        q, k, v, inputs = make_inputs(kernel, shape, torch.float32, DEVICE, seed=11)
+        inputs["doc_id"] = _ids(kind, shape.B, shape.Sk, seed=shape.Sq)
+        if "seg" in inputs:
+            inputs["seg"] = _ids("sorted", 1, shape.Sk, seed=3)[0] // 2
+        bmap, state = _map(fn, q, k, v, inputs, dict(BLOCK_M=16, BLOCK_N=16))
+        want = _states(kernel, shape, inputs, *bmap.fine)
+        assert torch.equal(state.int(), want), f"{name} {kind}"
+        if kind == "sorted" and name == "doc_only" and shape.Sk > 64:
+            assert (want == 2).any() and (want == 1).any() and (want == 0).any(), "every kind of tile occurs"
+    r = check(kernel, fn, shape, torch.float32, DEVICE, seed=12, inputs=inputs, config=dict(BLOCK_M=16, BLOCK_N=16))
+    assert r.ok, r.why
