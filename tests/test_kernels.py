@@ -364,6 +364,39 @@ def test_tma_forward_path(examples, name):
         assert r.ok, f"{shape}: {r.why}"
 
 
+class _OnGPU:
+    """A tensor's metadata as on a CUDA device (for the host's checks; no GPU needed)."""
+
+    def __init__(self, t, ptr: int = 0):
+        self.t, self.ptr, self.device = t, ptr, torch.device("cuda", 0)
+
+    def __getattr__(self, name):
+        return getattr(self.t, name)
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+
+@pytest.mark.parametrize("name", ["causal", "document"])
+def test_asked_tma_sets_the_allocator_or_says_why_not(examples, monkeypatch, name):
+    """config TMA=True on the GPU: the Triton forward and dQ get Triton's allocator for their descriptors (a
+    document spec's forward once raised 'no allocator was set' on the H100), or a ValueError that says why
+    descriptors cannot work there."""
+    mod = sys.modules[examples[name][1].__module__]
+    calls = []
+    monkeypatch.setattr(mod, "_ensure_allocator", lambda: calls.append(1))
+    monkeypatch.setattr(mod, "_capability", lambda index: 9)
+    k = _OnGPU(torch.empty(1, 2, 64, 64, dtype=torch.float16))
+    assert mod._forward_tma(k, k, {"fwd": {"TMA": True}}) and calls == [1]
+    assert mod._asked_tma("dq", k, k) and calls == [1, 1]
+    assert not mod._forward_tma(k, k, {"TMA": False}) and calls == [1, 1]
+    with pytest.raises(ValueError, match=r"config TMA \('fwd'\): .*16-byte aligned"):
+        mod._forward_tma(_OnGPU(k.t, ptr=8), k, {"TMA": True})
+    monkeypatch.setattr(mod, "_capability", lambda index: 8)
+    with pytest.raises(ValueError, match=r"config TMA \('dq'\): .*compute capability 9"):
+        mod._asked_tma("dq", k, k)
+
+
 @pytest.mark.parametrize("S", [7, 8, 1])
 def test_dilated_row_statistics_tile_the_buffer(examples, S):
     """Dilated specs keep each strided sub-problem's row statistics as one contiguous block of a flat
