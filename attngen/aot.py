@@ -31,14 +31,14 @@ def _compiled_mode():
 def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128, d_v: int = 128, arch: int = 90,
           block_m: int = 128, block_n: int = 64, num_warps: int = 8, num_stages: int = 2, i64: bool = False,
           block_map: bool = True, ratio: tuple[int, int] = (2, 1), cols: int = 128,
-          constexprs: dict | None = None, aligned: bool = True) -> dict:
+          constexprs: dict | None = None, aligned: bool = True, maxnreg: int | None = None) -> dict:
     """Compile one kernel ("fwd", "dkdv", "dq"; "blockmap" and "blocklists" where the mask
     reads tensors; "serve", "combine" for serving layouts) of the generated module at `path`.
     block_map: the attention kernels' BLOCK_MAP path; ratio, cols: the list kernel's RATIO_R, RATIO_C
     and COLS (block_m, block_n: the map's tile); `constexprs` sets the serving kernels' own (HP, PAGED, ...).
     aligned: specialize pointers, strides and the lengths as 16-divisible, as the JIT does for contiguous
     tensors and lengths like 8192 (the build then shows the loads the GPU will really run: vectorized, and
-    pipelined with cp.async)."""
+    pipelined with cp.async). maxnreg: Triton's cap on registers per thread, as a launch may set it."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -75,7 +75,8 @@ def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128,
 
             source, num_warps = GluonASTSource, 4  # 4: its loader; the consumers bring their own warpgroups
         k = triton.compile(source(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": num_warps, "num_stages": num_stages})
+                           options={"num_warps": num_warps, "num_stages": num_stages,
+                                    **({"maxnreg": maxnreg} if maxnreg else {})})
     ptx = k.asm["ptx"]
     return {"ptx": ptx, "shared": k.metadata.shared, "wgmma": "wgmma" in ptx,
             "setmaxnreg": "setmaxnreg" in ptx,  # warp specialization moving registers to the consumers

@@ -165,7 +165,8 @@ def _settings(cand, gluon: bool) -> dict:
 
 
 def _pick(cfg: dict) -> dict:
-    return {k: cfg[k] for k in KEYS}
+    """A launch configuration's tiles, and the register cap that a default measured with them carries."""
+    return {k: cfg[k] for k in (*KEYS, "maxnreg") if k in cfg}
 
 
 def _outputs(f) -> tuple:

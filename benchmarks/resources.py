@@ -33,10 +33,9 @@ def launches(mod) -> list[tuple[str, dict]]:
     if gluon_fwd:
         out.append(("fwd_sm90", dict(block_m=tiles["fwd_sm90"][0], block_n=tiles["fwd_sm90"][1], num_warps=4)))
     else:
-        tma = not block_map  # as _forward_tma: block-map specs load without descriptors
-        c = mod._fwd_defaults(128, 128, True, tma)
+        c = mod._fwd_defaults(128, 128, True, True)  # aligned tensors on an H100: TMA loads (_forward_tma)
         out.append(("fwd", dict(block_m=c["BLOCK_M"], block_n=c["BLOCK_N"], num_warps=c["num_warps"],
-                                num_stages=c["num_stages"], constexprs={"TMA": tma})))
+                                num_stages=c["num_stages"], constexprs={"TMA": True}, maxnreg=c.get("maxnreg"))))
     if gluon_bwd:
         for name in ("dq_sm90", "dkdv_sm90"):
             out.append((name, dict(block_m=tiles[name][0], block_n=tiles[name][1], num_warps=4)))

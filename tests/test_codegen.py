@@ -67,7 +67,10 @@ SM90_JOBS = (dict(kernel="fwd", dtype="fp16", d_qk=128, d_v=128, num_warps=8),
              dict(kernel="fwd", dtype="bf16", d_qk=64, d_v=64, num_warps=4, num_stages=3),
              *(dict(kernel=kern, dtype="bf16", d_qk=128, d_v=128, block_m=c["BLOCK_M"], block_n=c["BLOCK_N"],
                     num_warps=c["num_warps"], num_stages=c["num_stages"]) for kern, c in BWD_DEFAULTS.items()),
-             dict(kernel="fwd", dtype="bf16", d_qk=128, d_v=128, num_warps=8, i64=True))
+             dict(kernel="fwd", dtype="bf16", d_qk=128, d_v=128, num_warps=8, i64=True),
+             # banded masks' forward on Hopper: TMA loads, one stage, 128 registers (module _fwd_defaults)
+             dict(kernel="fwd", dtype="bf16", d_qk=128, d_v=128, block_m=64, block_n=64, num_warps=4, num_stages=1,
+                  maxnreg=128, constexprs={"TMA": True}))
 
 
 # the Gluon kernels, each at the module's own tiles (its SM90_TILES)
@@ -149,6 +152,8 @@ def test_builds_for_sm90(sm90_builds, name):
         if numbered and not no_dot and SM90_JOBS[i].get("num_stages", 2) > 1:
             # loads from global memory are software-pipelined (needs the constexpr head-dim strides)
             assert r["cp_async"] or r["tma"], f"{name} job {i}: loads not pipelined"
+        if numbered and SM90_JOBS[i].get("maxnreg"):  # the banded forward's descriptors
+            assert r["tma"], f"{name} job {i}: no TMA copies"
         gluon = i in GLUON_JOBS
         if gluon:  # warp-specialized: TMA loads, and setmaxnreg moving registers to the consumers
             assert r["tma"] and r["setmaxnreg"], f"{name} {i}: not the warp-specialized TMA kernel"

@@ -364,6 +364,34 @@ def test_tma_forward_path(examples, name):
         assert r.ok, f"{shape}: {r.why}"
 
 
+@pytest.mark.parametrize("name", ["sliding_window", "document", "causal"])
+def test_banded_forward_defaults_trade_stages_for_occupancy(examples, name):
+    """On Hopper with TMA, banded masks' forward runs one stage under a 128-register cap (4 programs per SM);
+    the cap goes with those tiles only: overrides of tiles, warps or stages drop it unless they set their own."""
+    mod = sys.modules[examples[name][1].__module__]
+    cuda = torch.device("cuda")
+    c = mod._config(128, 128, cuda, None, tma=True)
+    if not mod.BANDED:
+        assert "maxnreg" not in c
+        return
+    assert c == dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, maxnreg=128)
+    assert "maxnreg" not in mod._config(128, 128, cuda, None, tma=False)
+    assert "maxnreg" not in mod._config(192, 128, cuda, None, tma=True)
+    assert "maxnreg" not in mod._config(128, 128, torch.device("cpu"), None, tma=True)
+    assert "maxnreg" not in mod._config(128, 128, cuda, {"fwd": {"num_stages": 2}}, tma=True)
+    assert mod._config(128, 128, cuda, {"I64": True}, tma=True)["maxnreg"] == 128
+    assert mod._config(128, 128, cuda, {"num_stages": 2, "maxnreg": 168}, tma=True)["maxnreg"] == 168
+    assert mod._config(128, 128, cuda, {"fwd": {"maxnreg": None}}, tma=True)["maxnreg"] is None
+    mod._check_config({"fwd": {"maxnreg": 128}, "dq": {"maxnreg": None}}, cuda)
+    with pytest.raises(ValueError, match=r"config\['maxnreg'\]: expected None or an int from 24 to 255, got 300"):
+        mod._check_config({"maxnreg": 300}, cuda)
+    # the cap is a launch option: the kernels take it (the interpreter ignores it), same results
+    kernel, fn = examples[name]
+    q, k, v, inputs = make_inputs(kernel, Shape(1, 2, 1, 40, 40, 16, 16), torch.float32, DEVICE, seed=5)
+    tiles = {"BLOCK_M": 16, "BLOCK_N": 16}
+    assert torch.equal(fn(q, k, v, **inputs, config={**tiles, "maxnreg": 128}), fn(q, k, v, **inputs, config=tiles))
+
+
 class _OnGPU:
     """A tensor's metadata as on a CUDA device (for the host's checks; no GPU needed)."""
 
