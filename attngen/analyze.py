@@ -546,9 +546,9 @@ def _runs(mask: Node | None, syms: Symbols) -> tuple[tuple[Run, ...], tuple[Segm
     """The mask's top-level runs and the forward segments of what is left ((), () if none)."""
     if mask is None:
         return (), ()
-    parts = conjuncts(mask)
-    runs = [r for r in map(_run, parts) if r is not None]
-    rest = [c for c in parts if _run(c) is None]
+    found = [(c, _run(c)) for c in conjuncts(mask)]
+    runs = [r for _, r in found if r is not None]
+    rest = [c for c, r in found if r is None]
     if not runs:
         return (), ()
     left = sp.true

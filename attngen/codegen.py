@@ -308,10 +308,11 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     block_map = uses_block_map(pl) and k.layout.kind not in SERVING  # serving kernels keep the sympy ranges
     map_vars = sorted(pl.mask.vars() & {"b", "h"}) if block_map else []
     band = block_map or banded(pl)  # narrow key ranges: small tiles, plain program order
-    fine = fwd  # the map kernel visits fine tiles with the forward's orientation and names
     runs = _run_code(k, pl, helpers) if block_map else []
-    if runs:  # the map kernel's ranges: the mask's without its runs, which the ids' spans decide
-        fine = _visit(k, pl.rest, helpers, FWD)
+    # the map kernel visits fine tiles with the forward's orientation and names; with runs, over the ranges of
+    # the mask without them (the ids' spans decide those)
+    fine_segs = pl.rest if runs else pl.segments
+    fine = _visit(k, fine_segs, helpers, FWD) if runs else fwd
     if block_map:
         fwd, bwd = _with_map(fwd, "i_m"), _with_map(bwd, "i_n")
     grad_lines, grad_extra_args = _input_grad_code(k, pl, helpers)
@@ -401,7 +402,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         split_doc=[f"{label} = {py(n)}" for label, n in (("c", pl.split.qk), ("key", pl.split.key),
                                                           ("shift", pl.split.shift))] if split else [],
         longest_first=not band and skewed(pl), key_chunks=key_chunks(pl, block_map),
-        map_code=_map_kernel_code(len(pl.rest if runs else pl.segments)) if block_map else {}, runs=runs,
+        map_code=_map_kernel_code(len(fine_segs)) if block_map else {}, runs=runs,
         notes_bwd=notes_bwd,
         input_grads=list(pl.input_grads), input_grad_lines=grad_lines,
         grad_owner=repr([g.name for g in pl.input_grads]), learnable=repr(learnable), learnable_names=list(learnable),
