@@ -23,10 +23,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def launches(mod) -> list[tuple[str, dict]]:
-    """(kernel, aot.build keywords) for what the host runs on an H100 at D=128, bf16, aligned tensors."""
+def launches(mod, params: dict | None = None, seq: int = 8192) -> list[tuple[str, dict]]:
+    """(kernel, aot.build keywords) for what the host runs on an H100 at D=128, bf16, aligned tensors, with the
+    row's params at S=seq (a banded mask whose keys see many queries takes the Gluon dK/dV: _long_band)."""
     gluon_fwd = "fwd_sm90" in mod.KERNELS and not mod.BANDED
     gluon_bwd = "dkdv_sm90" in mod.KERNELS and not mod.BANDED
+    defaults = {name: default for name, (_, default) in mod.PARAMS.items()}
+    long_band = hasattr(mod, "_long_band") and mod._long_band(seq, seq, {**defaults, **(params or {})})
     block_map = "blockmap" in mod.KERNELS
     out = []
     tiles = getattr(mod, "SM90_TILES", {})
@@ -36,12 +39,12 @@ def launches(mod) -> list[tuple[str, dict]]:
         c = mod._fwd_defaults(128, 128, True, True)  # aligned tensors on an H100: TMA loads (_forward_tma)
         out.append(("fwd", dict(block_m=c["BLOCK_M"], block_n=c["BLOCK_N"], num_warps=c["num_warps"],
                                 num_stages=c["num_stages"], constexprs={"TMA": True}, maxnreg=c.get("maxnreg"))))
-    if gluon_bwd:
-        for name in ("dq_sm90", "dkdv_sm90"):
+    dkdv, dq = mod._bwd_defaults(128, 128, True)
+    for name, c in (("dq", dq), ("dkdv", dkdv)):
+        if gluon_bwd or (name == "dkdv" and long_band):
+            name += "_sm90"
             out.append((name, dict(block_m=tiles[name][0], block_n=tiles[name][1], num_warps=4)))
-    else:
-        dkdv, dq = mod._bwd_defaults(128, 128, True)
-        for name, c in (("dq", dq), ("dkdv", dkdv)):
+        else:
             out.append((name, dict(block_m=c["BLOCK_M"], block_n=c["BLOCK_N"], num_warps=c["num_warps"],
                                    num_stages=c["num_stages"])))
     for _, kw in out:
@@ -78,7 +81,7 @@ def main() -> None:
         for row in ROWS:
             (path,) = compile_file(ROOT / row.spec, Path(d))
             mod = import_path(path, f"attngen_resources_{path.stem}")
-            for kernel, kw in launches(mod):
+            for kernel, kw in launches(mod, row.params(8192)):
                 r = build(path, kernel=kernel, dtype="bf16", d_qk=128, d_v=128, **kw)
                 regs, stores, loads = ptxas(r["ptx"])
                 tiles = f"{kw['block_m']} x {kw['block_n']}, {kw['num_warps']}, {kw.get('num_stages', '-')}"

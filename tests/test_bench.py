@@ -95,7 +95,7 @@ def test_block_map_is_built_and_passed(bench, tmp_path, monkeypatch):
 def test_resource_report_builds_what_the_host_launches(examples):
     """benchmarks/resources.py builds each row's kernels at the H100's launch tiles: the Gluon ones where the module
     has them (softcap's dK/dV at 64 queries per step, like causal's), the Triton defaults for banded and block-map
-    masks."""
+    masks, but the Gluon dK/dV for a long band."""
     spec = importlib.util.spec_from_file_location("attngen_resources_script", ROOT / "benchmarks" / "resources.py")
     res = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(res)
@@ -113,5 +113,8 @@ def test_resource_report_builds_what_the_host_launches(examples):
     assert launched("sliding_window") == [("fwd", 64, 64, 4, 1, False, {"TMA": True}, 128),
                                           ("dq", 64, 64, 4, 2, False, None, None),
                                           ("dkdv", 64, 64, 4, 2, False, None, None)]
+    # a window of 1024 at S=8192: the Gluon dK/dV (_long_band)
+    long = sys.modules[examples["sliding_window"][1].__module__]
+    assert [k for k, _ in res.launches(long, {"window": 1024})] == ["fwd", "dq", "dkdv_sm90"]
     assert launched("document") == [("fwd", 64, 64, 4, 1, True, {"TMA": True}, 128),
                                     ("dq", 64, 64, 4, 2, True, None, None), ("dkdv", 64, 64, 4, 2, True, None, None)]

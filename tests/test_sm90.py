@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import compile_spec
 
 import attngen
 
@@ -26,7 +27,7 @@ def _qkv(dtype=torch.bfloat16, d_qk: int = 64, d_v: int = 64):
 @pytest.fixture
 def hopper(examples, monkeypatch):
     """Pretend q lives on an H100 (the other conditions are checked for real)."""
-    for name in ("causal", "sliding_window", "alibi"):
+    for name in ("causal", "sliding_window", "sink_window", "alibi"):
         monkeypatch.setattr(_mod(examples, name), "_major", lambda t: 9)
 
 
@@ -113,6 +114,31 @@ def test_sm90_dkdv_rules(examples, hopper):
         mod._sm90_dkdv(q, k, v, dout.transpose(2, 3).contiguous().transpose(2, 3), dk, dv, {"GLUON": True}, False)
     sw = _mod(examples, "sliding_window")
     assert sw.BANDED and not sw._sm90_dkdv(*ts, None, False) and sw._sm90_dkdv(*ts, {"GLUON": True}, False)
+
+
+def test_long_bands_take_the_gluon_dkdv(examples, hopper, build_dir):
+    """A banded mask keeps the Triton dK/dV unless its keys see 512 queries or more on average (_long_band):
+    a window of 1024 or chunks of 2048 at S=2048 take the Gluon one, a window of 256 or chunks of 256 do not;
+    config and the trace hook still decide first. Sink tokens beside a window (two ranges) never take it."""
+    sw = _mod(examples, "sliding_window")
+    if not sw._GLUON:
+        pytest.skip("this Triton has no Gluon")
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, 2, 2048, 64, generator=g).to(torch.bfloat16) for _ in range(4))
+    ts = (q, k, v, do, torch.empty_like(k), torch.empty_like(v))
+    assert sw._sm90_dkdv(*ts, None, False, {"window": 1024})
+    assert not sw._sm90_dkdv(*ts, None, False, {"window": 256})
+    assert not sw._sm90_dkdv(*_bwd_tensors(), None, False, {"window": 1024})  # 64 queries
+    assert not sw._sm90_dkdv(*ts, None, False)  # no params: the Triton kernel, as before
+    for config, trace in (({"dkdv": {"GLUON": False}}, False), ({"dkdv": {"BLOCK_N": 64}}, False), (None, True)):
+        assert not sw._sm90_dkdv(*ts, config, trace, {"window": 1024})
+    sink = _mod(examples, "sink_window")
+    assert sink.BANDED and not hasattr(sink, "_long_band")
+    assert not sink._sm90_dkdv(*ts, None, False, {"window": 1024})
+    for chunk, long in ((2048, True), (256, False)):
+        src = f"attention chunk{chunk} {{ mask q_idx // {chunk} == kv_idx // {chunk} and q_idx >= kv_idx }}"
+        mod = sys.modules[compile_spec(src, build_dir, tag=f"c{chunk}")[f"chunk{chunk}"][1].__module__]
+        assert mod._long_band(8192, 8192, {}) is long, chunk
 
 
 def test_sm90_dq_rules(examples, hopper):
