@@ -118,8 +118,8 @@ def test_sm90_dkdv_rules(examples, hopper):
 
 def test_long_bands_take_the_gluon_dkdv(examples, hopper, build_dir):
     """A banded mask keeps the Triton dK/dV unless its keys see 512 queries or more on average (_long_band):
-    a window of 1024 or chunks of 2048 at S=2048 take the Gluon one, a window of 256 or chunks of 256 do not;
-    config and the trace hook still decide first. Sink tokens beside a window (two ranges) never take it."""
+    a window of 1024 at S=2048 and chunks of 2048 at S=8192 take the Gluon one, a window of 256 and chunks of 256
+    do not; config and the trace hook still decide first. Sink tokens beside a window (two ranges) never take it."""
     sw = _mod(examples, "sliding_window")
     if not sw._GLUON:
         pytest.skip("this Triton has no Gluon")
