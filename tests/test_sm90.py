@@ -139,6 +139,10 @@ def test_long_bands_take_the_gluon_dkdv(examples, hopper, build_dir):
         src = f"attention chunk{chunk} {{ mask q_idx // {chunk} == kv_idx // {chunk} and q_idx >= kv_idx }}"
         mod = sys.modules[compile_spec(src, build_dir, tag=f"c{chunk}")[f"chunk{chunk}"][1].__module__]
         assert mod._long_band(8192, 8192, {}) is long, chunk
+    # the spec's params are locals of _long_band: one named like a loop counter must keep its value
+    src = "attention win_i { param i: int = 1024\n mask q_idx >= kv_idx and q_idx - kv_idx < i }"
+    mod = sys.modules[compile_spec(src, build_dir, tag="win_i")["win_i"][1].__module__]
+    assert mod._long_band(2048, 2048, {"i": 1024}) and not mod._long_band(2048, 2048, {"i": 256})
 
 
 def test_sm90_dq_rules(examples, hopper):
