@@ -227,20 +227,22 @@ def banded(pl: Plan) -> bool:
     return pl.sparse and bool(pl.segments) and all(narrow(s) for s in pl.segments)
 
 
-def band_width(pl: Plan, params: set[str]) -> dict | None:
-    """Python for the number of queries a key sees, from the dK/dV side's ranges: {"lo", "hi", "on" (None:
-    always)} in kv_idx, q_len, kv_len and the spec's params, when the mask has one such range (a window, a chunk).
-    The host averages it over the keys to pick the dK/dV kernel of a banded mask (_long_band). None otherwise: with
-    more ranges (sink tokens beside a window) the Gluon dK/dV measured behind."""
-    if len(pl.segments_t) != 1:
+def band_width(pl: Plan, params: set[str], rows: bool = False) -> dict | None:
+    """Python for the number of queries a key sees (rows: keys a query sees), from the dK/dV side's ranges (rows:
+    the forward's): {"lo", "hi", "on" (None: always)} in kv_idx (q_idx), q_len, kv_len and the spec's params, when
+    the mask has one such range (a window, a chunk). The host averages it to pick the kernels of a banded mask
+    (_long_band, _long_rows). None otherwise: with more ranges (sink tokens beside a window) the Gluon dK/dV and
+    forward measured behind."""
+    segs = pl.segments if rows else pl.segments_t
+    if len(segs) != 1:
         return None
-    seg = pl.segments_t[0]
+    seg = segs[0]
     nodes = [n for n, _ in seg.lo + seg.hi] + list(seg.guards) + list(seg.q_atoms)
-    known = {"kv_idx", "q_len", "kv_len"}
+    known = {"q_idx" if rows else "kv_idx", "q_len", "kv_len"}
     if any(n.vars() - known or {m.arg for m in n.walk() if m.op is Op.PARAM} - params for n in nodes):
         return None
     return {"lo": f"max({', '.join(['0'] + [py(n) for n, _ in seg.lo])})",
-            "hi": f"min({', '.join(['q_len - 1'] + [py(n) for n, _ in seg.hi])})",
+            "hi": f"min({', '.join(['kv_len - 1' if rows else 'q_len - 1'] + [py(n) for n, _ in seg.hi])})",
             "on": " and ".join(py(n) for n in seg.guards + seg.q_atoms) or None}
 
 
@@ -369,7 +371,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     sm90 = not block_map and k.layout.kind not in SERVING  # the Gluon kernels (block maps: not yet)
     sm90_bwd = sm90 and gluon_backward(pl)  # the Gluon dK/dV and dQ kernels
     if sm90:
-        args["fwd_sm90"] = args["fwd"] + cx(["STAGES", "REGS"])
+        args["fwd_sm90"] = args["fwd"] + cx(["STAGES", "REGS"]) + ["BH:i32"]  # persistent: B * H tiles per row block
         knames["fwd_sm90"] = "fwd_sm90_kernel"
     if sm90_bwd:
         args["dkdv_sm90"] = args["dkdv"] + cx(["STAGES", "REGS"])
@@ -417,6 +419,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         fwd=fwd, bwd=bwd, notes_fwd=notes_fwd, block_map=block_map, map_vars=map_vars, fine=fine,
         banded=band, sm90=sm90, sm90_bwd=sm90_bwd, dscore_reads_qk=dscore_reads_qk(pl), split=split,
         band_width=band_width(pl, {p.name for p in user.params}) if band and sm90_bwd and not block_map else None,
+        band_rows=band_width(pl, {p.name for p in user.params}, rows=True) if band and sm90 else None,
         split_doc=[f"{label} = {py(n)}" for label, n in (("c", pl.split.qk), ("key", pl.split.key),
                                                           ("shift", pl.split.shift))] if split else [],
         longest_first=not band and skewed(pl), key_chunks=key_chunks(pl, block_map),

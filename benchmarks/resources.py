@@ -25,11 +25,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def launches(mod, params: dict | None = None, seq: int = 8192) -> list[tuple[str, dict]]:
     """(kernel, aot.build keywords) for what the host runs on an H100 at D=128, bf16, aligned tensors, with the
-    row's params at S=seq (a banded mask whose keys see many queries takes the Gluon dK/dV: _long_band)."""
-    gluon_fwd = "fwd_sm90" in mod.KERNELS and not mod.BANDED
-    gluon_bwd = "dkdv_sm90" in mod.KERNELS and not mod.BANDED
+    row's params at S=seq (a banded mask whose keys see many queries takes the Gluon dK/dV: _long_band; whose
+    queries see many keys, the Gluon forward: _long_rows)."""
     defaults = {name: default for name, (_, default) in mod.PARAMS.items()}
-    long_band = hasattr(mod, "_long_band") and mod._long_band(seq, seq, {**defaults, **(params or {})})
+    params = {**defaults, **(params or {})}
+    long_band = hasattr(mod, "_long_band") and mod._long_band(seq, seq, params)
+    long_rows = hasattr(mod, "_long_rows") and mod._long_rows(seq, seq, params)
+    gluon_fwd = "fwd_sm90" in mod.KERNELS and (not mod.BANDED or long_rows)
+    gluon_bwd = "dkdv_sm90" in mod.KERNELS and not mod.BANDED
     block_map = "blockmap" in mod.KERNELS
     out = []
     tiles = getattr(mod, "SM90_TILES", {})

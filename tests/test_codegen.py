@@ -259,9 +259,9 @@ def test_skewed_masks_run_heaviest_first(spec, expected):
     """`skewed` rows differ in work: the forward, dQ and dK/dV kernels then take their programs from
     _heaviest_first; banded and uniform masks keep the plain grid order."""
     code = compile_source(f"attention m {{ {spec} }}")["m"]
-    # forward, dQ, and the Gluon forward and dQ where the module has them
-    assert (code.count("j, i_bh = _heaviest_first(8)") == 2 + ("_fwd_sm90_kernel" in code)
-            + ("_bwd_dq_sm90_kernel" in code)) is expected
+    # forward, dQ, and the Gluon dQ where the module has it; the persistent Gluon forward maps its tiles alike
+    assert (code.count("j, i_bh = _heaviest_first(8)") == 2 + ("_bwd_dq_sm90_kernel" in code)) is expected
+    assert code.count("j, i_bh = _heaviest_first_of(tile, n_m, n_bh, 8)") == ("_fwd_sm90_kernel" in code) * expected
     assert code.count("j, i_bhk = _heaviest_first(8)") == (1 + ("_bwd_dkdv_sm90_kernel" in code)) * expected
 
 

@@ -119,7 +119,8 @@ def test_sm90_dkdv_rules(examples, hopper):
 def test_long_bands_take_the_gluon_dkdv(examples, hopper, build_dir):
     """A banded mask keeps the Triton dK/dV unless its keys see 512 queries or more on average (_long_band):
     a window of 1024 at S=2048 and chunks of 2048 at S=8192 take the Gluon one, a window of 256 and chunks of 256
-    do not; config and the trace hook still decide first. Sink tokens beside a window (two ranges) never take it."""
+    do not; config and the trace hook still decide first. Sink tokens beside a window (two ranges) never take it.
+    The chunks also check _long_rows (the forward's rule) both ways."""
     sw = _mod(examples, "sliding_window")
     if not sw._GLUON:
         pytest.skip("this Triton has no Gluon")
@@ -138,11 +139,34 @@ def test_long_bands_take_the_gluon_dkdv(examples, hopper, build_dir):
     for chunk, long in ((2048, True), (256, False)):
         src = f"attention chunk{chunk} {{ mask q_idx // {chunk} == kv_idx // {chunk} and q_idx >= kv_idx }}"
         mod = sys.modules[compile_spec(src, build_dir, tag=f"c{chunk}")[f"chunk{chunk}"][1].__module__]
-        assert mod._long_band(8192, 8192, {}) is long, chunk
+        assert mod._long_band(8192, 8192, {}) is long and mod._long_rows(8192, 8192, {}) is long, chunk
     # the spec's params are locals of _long_band: one named like a loop counter must keep its value
     src = "attention win_i { param i: int = 1024\n mask q_idx >= kv_idx and q_idx - kv_idx < i }"
     mod = sys.modules[compile_spec(src, build_dir, tag="win_i")["win_i"][1].__module__]
     assert mod._long_band(2048, 2048, {"i": 1024}) and not mod._long_band(2048, 2048, {"i": 256})
+
+
+def test_long_rows_take_the_gluon_forward(examples, hopper):
+    """A banded mask keeps the Triton forward unless its queries see 896 keys or more on average (_long_rows): a
+    window of 1024 and chunks of 2048 at S=8192 take the persistent Gluon one, windows of 512 and 896 (whose first
+    rows see fewer) and chunks of 256 do not; config and the trace hook still decide first. Sink tokens beside a
+    window (two ranges) never take it."""
+    sw = _mod(examples, "sliding_window")
+    if not sw._GLUON:
+        pytest.skip("this Triton has no Gluon")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 8192, 64, generator=g).to(torch.bfloat16) for _ in range(3))
+    ts = (q, k, v, torch.empty_like(q))
+    assert sw._sm90(*ts, None, None, {"window": 1024})
+    for window in (512, 896):
+        assert not sw._sm90(*ts, None, None, {"window": window})
+    assert not sw._sm90(*_qkv(torch.bfloat16, 64, 64), None, None, {"window": 1024})  # 64 queries, 64 keys
+    assert not sw._sm90(*ts, None, None)  # no params: the Triton forward, as before
+    for config, trace in (({"fwd": {"GLUON": False}}, None), ({"BLOCK_M": 64}, None), (None, {"fwd": None})):
+        assert not sw._sm90(*ts, config, trace, {"window": 1024})
+    sink = _mod(examples, "sink_window")
+    assert sink.BANDED and not hasattr(sink, "_long_rows")
+    assert not sink._sm90(*ts, None, None, {"window": 1024})  # chunks: test_long_bands_take_the_gluon_dkdv
 
 
 def test_sm90_dq_rules(examples, hopper):
@@ -173,20 +197,23 @@ def _fake_gluon(mod, name: str, kernel: str, launched: list):
 
     class Launcher:
         def __getitem__(self, grid):
-            def launch(*args, STAGES, REGS, **kw):  # noqa: N803 - the kernel's constexpr names
+            def launch(*args, STAGES, REGS, BH=None, **kw):  # noqa: N803 - the kernel's constexpr names
                 launched.append((grid, kw["BLOCK_M"], kw["BLOCK_N"]))
+                twin_grid = grid
+                if BH is not None:  # the persistent forward's P programs: its twin takes a program per tile
+                    twin_grid = (-(-args[0].shape[2] // kw["BLOCK_M"]), BH)
                 if lrow is not None:
                     args = (*args[:lrow], torch.zeros_like(args[lrow]), *args[lrow + 1:])
                 if "TMA" in kw:
                     kw["TMA"] = False
-                return getattr(mod, f"{name}_{twin}")[grid](*args, **kw)
+                return getattr(mod, f"{name}_{twin}")[twin_grid](*args, **kw)
             return launch
     return Launcher()
 
 
-def _on_hopper(mod, *sections, at: int = -2):
+def _on_hopper(mod, *sections, at: int):
     """_sm90's (or _sm90_dkdv's, _sm90_dq's) config logic, as on an H100, reading `sections` of the config (its
-    argument `at`: the next-to-last, or _sm90_dq's third from last)."""
+    argument `at`: _sm90's fifth, the others' seventh)."""
     def rule(*args):
         cfg = mod._override(args[at], *sections)
         return cfg.get("GLUON") is not False and not any(key in cfg for key in mod._TRITON_LAUNCH)
@@ -213,7 +240,7 @@ def test_tune_puts_the_gluon_forward_first(examples, tmp_path, monkeypatch, gluo
     mod = sys.modules[fn.__module__]
     launched: list = []
     monkeypatch.setattr(mod, "causal_fwd_sm90_kernel", _fake_gluon(mod, "causal", "fwd", launched))
-    monkeypatch.setattr(mod, "_sm90", _on_hopper(mod, "fwd"))
+    monkeypatch.setattr(mod, "_sm90", _on_hopper(mod, "fwd", at=4))
     call, log = _logged(fn)
 
     def timer(f):
@@ -232,6 +259,26 @@ def test_tune_puts_the_gluon_forward_first(examples, tmp_path, monkeypatch, gluo
         n = len(launched)
         fn(q, k, v, config=cfg)
         assert len(launched) == n  # the tuned config keeps the Triton forward
+
+
+def test_the_gluon_forward_is_persistent(examples, monkeypatch):
+    """The Gluon forward launches a program per SM (at most one per tile) that walks the cdiv(S_q, 128) x B*H tiles;
+    config {"fwd": {"PERSISTENT": False}} launches one per tile, and so does a machine without SMs (the CPU)."""
+    fn = examples["causal"][1]
+    mod = sys.modules[fn.__module__]
+    launched: list = []
+    monkeypatch.setattr(mod, "causal_fwd_sm90_kernel", _fake_gluon(mod, "causal", "fwd", launched))
+    monkeypatch.setattr(mod, "_sm90", _on_hopper(mod, "fwd", at=4))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 300, 16, generator=g) for _ in range(3))  # 3 x 6 tiles
+    ref = fn(q, k, v, config={"GLUON": False})  # 64 x 64 tiles: equal up to rounding
+    for sms, config, grid in ((4, None, (4,)), (40, None, (18,)), (4, {"fwd": {"PERSISTENT": False}}, (18,)),
+                              (0, None, (18,))):
+        monkeypatch.setattr(mod, "_sms", lambda device, n=sms: n)
+        torch.testing.assert_close(fn(q, k, v, config=config), ref, rtol=1e-5, atol=1e-5)
+        assert launched.pop()[0] == grid, (sms, config)
+    with pytest.raises(ValueError, match="PERSISTENT"):
+        fn(q, k, v, config={"PERSISTENT": False})  # a key of the forward's section only
 
 
 def _gluon_unless_false(*args):  # the config logic of _sm90_dkdv and _sm90_dq, as on an H100
@@ -276,7 +323,7 @@ def test_tune_puts_the_gluon_backward_first(examples, tmp_path, monkeypatch, glu
     launched: list = []
     other = {"dkdv": "dq", "dq": "dkdv"}[kernel]
     monkeypatch.setattr(mod, f"causal_bwd_{kernel}_sm90_kernel", _fake_gluon(mod, "causal", kernel, launched))
-    monkeypatch.setattr(mod, f"_sm90_{kernel}", _on_hopper(mod, "bwd", kernel, at=-2 if kernel == "dkdv" else -3))
+    monkeypatch.setattr(mod, f"_sm90_{kernel}", _on_hopper(mod, "bwd", kernel, at=6))
     monkeypatch.setattr(mod, f"_sm90_{other}", lambda *a: False)
     call, log = _logged(fn)
 
