@@ -79,8 +79,13 @@ def tune(fn: Callable, *args, backward: bool | None = None, candidates: dict | N
     # candidate, and the Triton tilings compete with it (GLUON=False)
     out_like, k_like, v_like = (mod._empty_out(q, v), *(torch.empty(t.shape, dtype=t.dtype, device=t.device)
                                                       for t in (k, v)))
-    gluon = {"fwd": hasattr(mod, "_sm90") and mod._sm90(q, k, v, out_like, base, None),
-             "dkdv": hasattr(mod, "_sm90_dkdv") and mod._sm90_dkdv(q, k, v, out_like, k_like, v_like, base, None),
+    # with the call's params: a banded mask's default kernels depend on them (_long_rows, _long_band)
+    params = {n: kwargs.get(n, default) for n, (_, default) in mod.PARAMS.items()}
+    if any(p is mod._REQUIRED for p in params.values()):
+        params = None  # the call itself says which is missing
+    gluon = {"fwd": hasattr(mod, "_sm90") and mod._sm90(q, k, v, out_like, base, None, params),
+             "dkdv": hasattr(mod, "_sm90_dkdv") and mod._sm90_dkdv(q, k, v, out_like, k_like, v_like, base, None,
+                                                                    params),
              # learnable inputs may want gradients, which only the Triton dQ computes: no Gluon candidate then
              "dq": hasattr(mod, "_sm90_dq") and mod._sm90_dq(q, k, v, out_like, out_like, torch.empty_like(q), base,
                                                              None, bool(mod.LEARNABLE))}

@@ -281,6 +281,25 @@ def test_the_gluon_forward_is_persistent(examples, monkeypatch):
         fn(q, k, v, config={"PERSISTENT": False})  # a key of the forward's section only
 
 
+def test_tune_asks_the_band_rules_with_the_calls_params(examples, tmp_path, monkeypatch, hopper):
+    """tune finds each kernel's default as the call would: a banded mask's depends on its params (_long_rows,
+    _long_band), so tune passes them, and a long band's Gluon forward is then the first candidate."""
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))
+    fn = examples["sliding_window"][1]
+    mod = sys.modules[fn.__module__]
+    if not mod._GLUON:
+        pytest.skip("this Triton has no Gluon")
+    seen: list = []
+    monkeypatch.setattr(mod, "_long_rows", lambda q_len, kv_len, params: seen.append(params) or True)
+    launched: list = []
+    monkeypatch.setattr(mod, "sliding_window_fwd_sm90_kernel", _fake_gluon(mod, "sliding_window", "fwd", launched))
+    q, k, v, _ = _qkv(torch.float16, 64, 64)  # float16: the interpreter's tl.dot is exact there
+    cfg = attngen.tune(fn, q, k, v, window=48, candidates={"fwd": [(16, 16, 4, 1)]}, backward=False,
+                       timer=lambda f: (f(), 1.0)[1])
+    assert seen and all(p == {"window": 48} for p in seen)
+    assert launched and cfg["fwd"] == {"GLUON": True}  # the default, which no Triton tiling beat by MARGIN
+
+
 def _gluon_unless_false(*args):  # the config logic of _sm90_dkdv and _sm90_dq, as on an H100
     return (args[6] or {}).get("GLUON") is not False
 
