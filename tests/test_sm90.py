@@ -45,7 +45,8 @@ def test_sm90_runs_where_it_can_and_says_why_not(examples, hopper):
     # cannot run: False by default, and a ValueError naming the reason when GLUON=True insists
     cases = [(_qkv(torch.float32), "float16 or bfloat16"), (_qkv(d_qk=64, d_v=128), "head dims"),
              (_qkv(d_qk=96, d_v=96), "head dims"),
-             ((q.transpose(2, 3).contiguous().transpose(2, 3), k, v, out), "16-byte aligned")]
+             ((q.transpose(2, 3).contiguous().transpose(2, 3), k, v, out), "16-byte aligned"),
+             ((q, k[:, :1].expand(k.shape), v, out), "broadcast")]  # heads from expand: stride 0
     for args, why in cases:
         assert not mod._sm90(*args, None, None)
         with pytest.raises(ValueError, match=why):
