@@ -88,7 +88,7 @@ def tune(fn: Callable, *args, backward: bool | None = None, candidates: dict | N
                                                                     params),
              # learnable inputs may want gradients, which only the Triton dQ computes: no Gluon candidate then
              "dq": hasattr(mod, "_sm90_dq") and mod._sm90_dq(q, k, v, out_like, out_like, torch.empty_like(q), base,
-                                                             None, bool(mod.LEARNABLE))}
+                                                             None, bool(mod.LEARNABLE), params)}
     grad_args = [a.detach().requires_grad_() if i < 3 and isinstance(a, torch.Tensor) else a
                  for i, a in enumerate(args)]
     gen = torch.Generator(device=q.device).manual_seed(0)

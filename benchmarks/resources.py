@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 def launches(mod, params: dict | None = None, seq: int = 8192) -> list[tuple[str, dict]]:
     """(kernel, aot.build keywords) for what the host runs on an H100 at D=128, bf16, aligned tensors, with the
     row's params at S=seq (a banded mask whose keys see many queries takes the Gluon dK/dV: _long_band; whose
-    queries see many keys, the Gluon forward: _long_rows)."""
+    queries see many keys, the Gluon forward and dQ: _long_rows)."""
     defaults = {name: default for name, (_, default) in mod.PARAMS.items()}
     params = {**defaults, **(params or {})}
     long_band = hasattr(mod, "_long_band") and mod._long_band(seq, seq, params)
@@ -44,7 +44,7 @@ def launches(mod, params: dict | None = None, seq: int = 8192) -> list[tuple[str
                                 num_stages=c["num_stages"], constexprs={"TMA": True}, maxnreg=c.get("maxnreg"))))
     dkdv, dq = mod._bwd_defaults(128, 128, True)
     for name, c in (("dq", dq), ("dkdv", dkdv)):
-        if gluon_bwd or (name == "dkdv" and long_band):
+        if gluon_bwd or (name == "dkdv" and long_band) or (name == "dq" and long_rows):
             name += "_sm90"
             out.append((name, dict(block_m=tiles[name][0], block_n=tiles[name][1], num_warps=4)))
         else:

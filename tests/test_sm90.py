@@ -147,27 +147,36 @@ def test_long_bands_take_the_gluon_dkdv(examples, hopper, build_dir):
     assert mod._long_band(2048, 2048, {"i": 1024}) and not mod._long_band(2048, 2048, {"i": 256})
 
 
-def test_long_rows_take_the_gluon_forward(examples, hopper):
-    """A banded mask keeps the Triton forward unless its queries see 896 keys or more on average (_long_rows): a
-    window of 1024 and chunks of 2048 at S=8192 take the persistent Gluon one, windows of 512 and 896 (whose first
-    rows see fewer) and chunks of 256 do not; config and the trace hook still decide first. Sink tokens beside a
-    window (two ranges) never take it."""
+def test_long_rows_take_the_gluon_forward_and_dq(examples, hopper):
+    """A banded mask keeps the Triton forward and dQ unless its queries see 896 keys or more on average
+    (_long_rows): a window of 1024 and chunks of 2048 at S=8192 take the persistent Gluon forward and the Gluon dQ,
+    windows of 512 and 896 (whose first rows see fewer) and chunks of 256 do not; config, the trace hook and
+    learnable inputs' gradients still decide first. Sink tokens beside a window (two ranges) never take them."""
     sw = _mod(examples, "sliding_window")
     if not sw._GLUON:
         pytest.skip("this Triton has no Gluon")
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 8192, 64, generator=g).to(torch.bfloat16) for _ in range(3))
     ts = (q, k, v, torch.empty_like(q))
-    assert sw._sm90(*ts, None, None, {"window": 1024})
+
+    def both(*args, params=None):  # (forward, dQ)
+        config, trace = args[-2:]
+        return (sw._sm90(*args[:-2], config, trace, params),
+                sw._sm90_dq(*args[:-2], q, torch.empty_like(q), config, bool(trace), False, params))
+    assert both(*ts, None, None, params={"window": 1024}) == (True, True)
+    assert not sw._sm90_dq(*ts, q, torch.empty_like(q), None, False, True, {"window": 1024})  # learnable grads
     for window in (512, 896):
-        assert not sw._sm90(*ts, None, None, {"window": window})
-    assert not sw._sm90(*_qkv(torch.bfloat16, 64, 64), None, None, {"window": 1024})  # 64 queries, 64 keys
-    assert not sw._sm90(*ts, None, None)  # no params: the Triton forward, as before
-    for config, trace in (({"fwd": {"GLUON": False}}, None), ({"BLOCK_M": 64}, None), (None, {"fwd": None})):
-        assert not sw._sm90(*ts, config, trace, {"window": 1024})
+        assert both(*ts, None, None, params={"window": window}) == (False, False)
+    q64 = _qkv(torch.bfloat16, 64, 64)  # 64 queries, 64 keys
+    assert sw._sm90(*q64, None, None, {"window": 1024}) is False
+    assert both(*ts, None, None) == (False, False)  # no params: the Triton kernels, as before
+    for config, trace in (({"GLUON": False}, None), ({"BLOCK_M": 64}, None), (None, {"fwd": None})):
+        assert both(*ts, config, trace, params={"window": 1024}) == (False, False)
+    assert both(*ts, {"fwd": {"GLUON": False}}, None, params={"window": 1024}) == (False, True)  # one's section
     sink = _mod(examples, "sink_window")
     assert sink.BANDED and not hasattr(sink, "_long_rows")
     assert not sink._sm90(*ts, None, None, {"window": 1024})  # chunks: test_long_bands_take_the_gluon_dkdv
+    assert not sink._sm90_dq(*ts, q, torch.empty_like(q), None, False, False, {"window": 1024})
 
 
 def test_sm90_dq_rules(examples, hopper):
