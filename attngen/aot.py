@@ -59,9 +59,13 @@ def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128,
         mod = import_path(Path(path), f"attngen_aot_{Path(path).stem}_{os.getpid()}")
         fn, args = mod.KERNELS[kernel]
         sig, const, attrs = {}, {}, {}
+        descs = _desc_types(mod, kernel, dtype, d_qk, d_v, block_m, block_n) if any(
+            a.endswith(":desc") for a in args) else []
         for i, item in enumerate(args):
             name, ty = item.split(":")
-            if ty == "constexpr":  # head-dim strides: 1, as for contiguous tensors
+            if ty == "desc":  # a host-side TMA descriptor, typed as the JIT types it
+                sig[name] = descs.pop(0)
+            elif ty == "constexpr":  # head-dim strides: 1, as for contiguous tensors
                 sig[name], const[name] = "constexpr", 1 if name.startswith("stride_") else values[name]
             elif ty == "none":  # optional pointers (trace, deterministic buffers) left out
                 sig[name], const[name] = "constexpr", None
@@ -84,6 +88,22 @@ def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128,
             "tma": "cp.async.bulk.tensor" in ptx, "cp_async": "cp.async.ca" in ptx or "cp.async.cg" in ptx,
             "global_loads": ptx.count("ld.global"),  # plain loads: latency a warp waits for, unlike TMA's
             "fits": k.metadata.shared <= H100_SHARED_BYTES}
+
+
+def _desc_types(mod, kernel: str, dtype: str, d_qk: int, d_v: int, block_m: int, block_n: int) -> list[str]:
+    """The Gluon backward kernels' descriptor parameters as the JIT types them (dtype, block, layout), from the
+    generated module's own builders applied to small CPU tensors."""
+    import torch
+    from triton.runtime.jit import mangle_type
+
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    t = lambda d: torch.empty(1, 1, 256, d, dtype=dt)  # noqa: E731
+    if kernel == "dkdv_sm90":
+        row = torch.empty(1, 1, 256, dtype=torch.float32)
+        descs = mod._dkdv_descs(t(d_qk), t(d_qk), t(d_v), t(d_v), t(d_qk), t(d_v), row, row, block_m, block_n)
+    else:
+        descs = mod._dq_descs(t(d_qk), t(d_qk), t(d_v), t(d_v), t(d_qk), block_m, block_n)
+    return [mangle_type(d) for d in descs]
 
 
 def build_all(jobs: list[dict]) -> list[dict]:

@@ -373,9 +373,11 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     if sm90:
         args["fwd_sm90"] = args["fwd"] + cx(["STAGES", "REGS"]) + ["BH:i32"]  # persistent: B * H tiles per row block
         knames["fwd_sm90"] = "fwd_sm90_kernel"
-    if sm90_bwd:
-        args["dkdv_sm90"] = args["dkdv"] + cx(["STAGES", "REGS"])
-        args["dq_sm90"] = args["dq"] + cx(["STAGES", "REGS"])
+    if sm90_bwd:  # host-side TMA descriptors after the Triton twin's positional arguments (before its constexprs)
+        for kern, descs in (("dkdv", "QD dOD KD VD dKD dVD LseD DeltaD"), ("dq", "QD dOD dQD KD VD")):
+            at = next(i for i, a in enumerate(args[kern]) if a.startswith("BLOCK_M:"))
+            args[f"{kern}_sm90"] = args[kern][:at] + [f"{d}:desc" for d in descs.split()] + args[kern][at:] \
+                + cx(["STAGES", "REGS"])
         knames.update(dkdv_sm90="bwd_dkdv_sm90_kernel", dq_sm90="bwd_dq_sm90_kernel")
     if block_map:
         args["blockmap"] = ["State:*i8", "q_len:i32", "kv_len:i32", "H_MAP:i32"] + extra_args \

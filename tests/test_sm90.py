@@ -211,6 +211,10 @@ def _fake_gluon(mod, name: str, kernel: str, launched: list):
         def __getitem__(self, grid):
             def launch(*args, STAGES, REGS, BH=None, **kw):  # noqa: N803 - the kernel's constexpr names
                 launched.append((grid, kw["BLOCK_M"], kw["BLOCK_N"]))
+                # the Gluon backward's host-side TMA descriptors: checked against the tensors, then dropped
+                descs = [a for a in args if type(a).__name__ == "TensorDescriptor"]
+                _check_descs(kernel, descs, args, kw)
+                args = tuple(a for a in args if type(a).__name__ != "TensorDescriptor")
                 twin_grid = grid
                 if BH is not None:  # the persistent forward's P programs: its twin takes a program per tile
                     twin_grid = (-(-args[0].shape[2] // kw["BLOCK_M"]), BH)
@@ -221,6 +225,27 @@ def _fake_gluon(mod, name: str, kernel: str, launched: list):
                 return getattr(mod, f"{name}_{twin}")[twin_grid](*args, **kw)
             return launch
     return Launcher()
+
+
+def _check_descs(kernel: str, descs: list, args: tuple, kw: dict) -> None:
+    """The Gluon backward's host-side descriptors (_dkdv_descs, _dq_descs) describe the tensors its Triton twin
+    reads, in the kernel's order, whole, with the kernel's tiles; none for the forward."""
+    if kernel == "fwd":
+        assert not descs
+        return
+    bm, bn = kw["BLOCK_M"], kw["BLOCK_N"]
+    if kernel == "dkdv":  # (Q, K, V, dO, Mrow, Lrow, Delta, dK, dV, ...): Q, dO, K, V, dK, dV, Mrow, Delta
+        tiles, rows = [(args[0], bm), (args[3], bm)] + [(args[i], bn // 2) for i in (1, 2, 7, 8)], [args[4], args[6]]
+    else:  # (Q, K, V, Out, dO, dLse, Mrow, Lrow, Delta, dQ, ...): Q, dO, dQ, K, V
+        tiles, rows = [(args[i], bm // 2) for i in (0, 4, 9)] + [(args[1], bn), (args[2], bn)], []
+    assert len(descs) == len(tiles) + len(rows)
+    for d, (t, r) in zip(descs, tiles):
+        assert d.base is t and list(d.shape) == list(t.shape) and list(d.strides) == list(t.stride())
+        assert list(d.block_shape) == [1, 1, r, t.shape[3]]
+    for d, t in zip(descs[len(tiles):], rows):  # [B * H, q_len] rows of a _rows buffer, bm entries a copy
+        B, H, S = t.shape
+        assert d.base is t and list(d.shape) == [B * H, S] and list(d.strides) == [t.stride(1), 1]
+        assert t.stride(0) == H * t.stride(1) and list(d.block_shape) == [1, bm]
 
 
 def _on_hopper(mod, *sections, at: int):
