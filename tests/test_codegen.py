@@ -22,7 +22,8 @@ def test_module_is_deterministic_and_self_contained(path):
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert imported <= {"functools", "math", "torch", "triton", "triton.language", "triton.experimental",
-                            "triton.experimental.gluon", "triton.experimental.gluon.language.nvidia.hopper"}, imported
+                            "triton.experimental.gluon", "triton.experimental.gluon.language.nvidia.hopper",
+                            "triton.experimental.gluon.nvidia.hopper"}, imported
         doc = ast.get_docstring(tree)
         assert f"attention {name}" in doc and "Constexprs" in doc and "segment" in doc and "d score / d qk" in doc
         assert f"def {name}(" in code and "class _Attention(torch.autograd.Function)" in code
