@@ -414,6 +414,27 @@ def test_the_gluon_backward_launches(examples, monkeypatch, name):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["causal", "alibi", "sliding_window"])
+def test_the_gluon_backward_builds_no_descriptor(examples, name):
+    """The Gluon dQ and dK/dV take their TMA descriptors from the host (_dq_descs, _dkdv_descs) and build none per
+    program: built there, they cost the backward 8-10% on long bands (results/2026-11-28-h100-host-desc.json). Nor do
+    their final stores read coordinates kept from before the steps (the program id again: _program_y)."""
+    import ast
+    import inspect
+
+    src = inspect.getsource(_mod(examples, name))
+    funcs = {n.name: ast.get_source_segment(src, n) for n in ast.walk(ast.parse(src)) if isinstance(n, ast.FunctionDef)}
+    bwd = {f: body for f, body in funcs.items() if f.startswith(("_dkdv90", "_dq90", f"{name}_bwd_"))
+           and not f.endswith(("_dkdv_kernel", "_dq_kernel"))}  # the Gluon functions (not the Triton twins)
+    assert {f"{name}_bwd_dkdv_sm90_kernel", f"{name}_bwd_dq_sm90_kernel", "_dkdv90_compute", "_dq90_compute"} \
+        <= set(bwd)
+    assert not [f for f, body in bwd.items() if "make_tensor_descriptor" in body]
+    assert "make_tensor_descriptor" in funcs[f"{name}_fwd_sm90_kernel"]  # the persistent forward: once per program
+    for f, again in (("_dkdv90_compute", "_dkdv90_bhk(n0)"), ("_dq90_compute", "_dq90_bh(m0)")):
+        store = bwd[f].split("fence_async_shared()")[-1]
+        assert again in store and "[b, h" not in store
+
+
 @pytest.mark.parametrize("kernel", ["dkdv", "dq"])
 @pytest.mark.parametrize("gluon_ms, winner", [(1.0, "gluon"), (3.0, (32, 32))])
 def test_tune_puts_the_gluon_backward_first(examples, tmp_path, monkeypatch, gluon_ms, winner, kernel):
