@@ -227,23 +227,24 @@ def banded(pl: Plan) -> bool:
     return pl.sparse and bool(pl.segments) and all(narrow(s) for s in pl.segments)
 
 
-def band_width(pl: Plan, params: set[str], rows: bool = False) -> dict | None:
-    """Python for the number of queries a key sees (rows: keys a query sees), from the dK/dV side's ranges (rows:
-    the forward's): {"lo", "hi", "on" (None: always)} in kv_idx (q_idx), q_len, kv_len and the spec's params, when
-    the mask has one such range (a window, a chunk). The host averages it to pick the kernels of a banded mask
-    (_long_band, _long_rows). None otherwise: with more ranges (sink tokens beside a window) the Gluon dK/dV and
-    forward measured behind."""
+def band_width(pl: Plan, params: set[str], rows: bool = False) -> list[dict] | None:
+    """Python for the ranges of queries a key sees (rows: of keys a query sees), from the dK/dV side's segments (rows:
+    the forward's): per segment {"lo", "hi", "on" (None: always)} in kv_idx (q_idx), q_len, kv_len and the spec's
+    params. The host averages the size of their union (_covered) to pick a banded mask's kernels (_long_band,
+    _long_rows): a window, a chunk, sink tokens beside a window. None where a bound reads anything else."""
     segs = pl.segments if rows else pl.segments_t
-    if len(segs) != 1:
-        return None
-    seg = segs[0]
-    nodes = [n for n, _ in seg.lo + seg.hi] + list(seg.guards) + list(seg.q_atoms)
     known = {"q_idx" if rows else "kv_idx", "q_len", "kv_len"}
-    if any(n.vars() - known or {m.arg for m in n.walk() if m.op is Op.PARAM} - params for n in nodes):
-        return None
-    return {"lo": f"max({', '.join(['0'] + [py(n) for n, _ in seg.lo])})",
-            "hi": f"min({', '.join(['kv_len - 1' if rows else 'q_len - 1'] + [py(n) for n, _ in seg.hi])})",
-            "on": " and ".join(py(n) for n in seg.guards + seg.q_atoms) or None}
+    out = []
+    for seg in segs:
+        nodes = [n for n, _ in seg.lo + seg.hi] + list(seg.guards) + list(seg.q_atoms)
+        if any(n.vars() - known or {m.arg for m in n.walk() if m.op is Op.PARAM} - params for n in nodes):
+            return None
+        lo = ["0"] + [py(n) for n, _ in seg.lo]
+        hi = ["kv_len - 1" if rows else "q_len - 1"] + [py(n) for n, _ in seg.hi]
+        out.append({"lo": f"max({', '.join(lo)})" if len(lo) > 1 else lo[0],
+                    "hi": f"min({', '.join(hi)})" if len(hi) > 1 else hi[0],
+                    "on": " and ".join(py(n) for n in seg.guards + seg.q_atoms) or None})
+    return out or None
 
 
 def skewed(pl: Plan) -> bool:
