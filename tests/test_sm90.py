@@ -122,8 +122,9 @@ def test_sm90_dkdv_rules(examples, hopper):
 def test_long_bands_take_the_gluon_dkdv(examples, hopper, build_dir):
     """A banded mask keeps the Triton dK/dV unless its keys see 512 queries or more on average (_long_band):
     a window of 1024 at S=2048 and chunks of 2048 at S=8192 take the Gluon one, a window of 256 and chunks of 256
-    do not; config and the trace hook still decide first. Sink tokens beside a window (two ranges) never take it.
-    The chunks also check _long_rows (the forward's rule) both ways."""
+    do not; config and the trace hook still decide first. Sink tokens beside a window (two ranges) count the union
+    of both (_covered, an overlap once): with a window of 1024 they take it, with 256 they do not. The chunks also
+    check _long_rows (the forward's rule) both ways."""
     sw = _mod(examples, "sliding_window")
     if not sw._GLUON:
         pytest.skip("this Triton has no Gluon")
@@ -137,8 +138,12 @@ def test_long_bands_take_the_gluon_dkdv(examples, hopper, build_dir):
     for config, trace in (({"dkdv": {"GLUON": False}}, False), ({"dkdv": {"BLOCK_N": 64}}, False), (None, True)):
         assert not sw._sm90_dkdv(*ts, config, trace, {"window": 1024})
     sink = _mod(examples, "sink_window")
-    assert sink.BANDED and not hasattr(sink, "_long_band")
-    assert not sink._sm90_dkdv(*ts, None, False, {"window": 1024})
+    assert sink.BANDED and sink._sm90_dkdv(*ts, None, False, {"window": 1024})
+    assert not sink._sm90_dkdv(*ts, None, False, {"window": 256})
+    # keys 0-3 see every later query; the 16 sampled keys (from 32) see the window's queries only
+    assert sink._queries_seen(8192, 8192, 256) == 256 and sink._keys_seen(8192, 8192, 1024) == 963.625
+    assert [sink._covered(s) for s in (((0, 3), (2, 10)), ((0, 3), (5, 6)), ((0, -1), (4, 4)), ((2, 3), (0, 10)),
+                                       ((5, 4),), ((0, 0), (0, 0)))] == [11, 6, 1, 11, 0, 1]
     for chunk, long in ((2048, True), (256, False)):
         src = f"attention chunk{chunk} {{ mask q_idx // {chunk} == kv_idx // {chunk} and q_idx >= kv_idx }}"
         mod = sys.modules[compile_spec(src, build_dir, tag=f"c{chunk}")[f"chunk{chunk}"][1].__module__]
@@ -153,7 +158,8 @@ def test_long_rows_take_the_gluon_forward_and_dq(examples, hopper):
     """A banded mask keeps the Triton forward and dQ unless its queries see 896 keys or more on average
     (_long_rows): a window of 1024 and chunks of 2048 at S=8192 take the persistent Gluon forward and the Gluon dQ,
     windows of 512 and 896 (whose first rows see fewer) and chunks of 256 do not; config, the trace hook and
-    learnable inputs' gradients still decide first. Sink tokens beside a window (two ranges) never take them."""
+    learnable inputs' gradients still decide first. Sink tokens beside a window (two ranges) count their union: 4
+    sinks and a window of 1024 take them, of 768 not."""
     sw = _mod(examples, "sliding_window")
     if not sw._GLUON:
         pytest.skip("this Triton has no Gluon")
@@ -176,9 +182,9 @@ def test_long_rows_take_the_gluon_forward_and_dq(examples, hopper):
         assert both(*ts, config, trace, params={"window": 1024}) == (False, False)
     assert both(*ts, {"fwd": {"GLUON": False}}, None, params={"window": 1024}) == (False, True)  # one's section
     sink = _mod(examples, "sink_window")
-    assert sink.BANDED and not hasattr(sink, "_long_rows")
-    assert not sink._sm90(*ts, None, None, {"window": 1024})  # chunks: test_long_bands_take_the_gluon_dkdv
-    assert not sink._sm90_dq(*ts, q, torch.empty_like(q), None, False, False, {"window": 1024})
+    for window, long in ((1024, True), (768, False)):  # chunks: test_long_bands_take_the_gluon_dkdv
+        assert sink._sm90(*ts, None, None, {"window": window}) is long
+        assert sink._sm90_dq(*ts, q, torch.empty_like(q), None, False, False, {"window": window}) is long
 
 
 def test_sm90_dq_rules(examples, hopper):
@@ -406,12 +412,21 @@ def test_the_gluon_backward_launches(examples, monkeypatch, name):
             t.grad = None
         fn(q, k, v, config=config).backward(dout)
         return [t.grad.clone() for t in (q, k, v)]
+    checks = []  # TensorDescriptor's own checks run once per geometry (_desc); later ones are filled in directly
+    post_init = mod.TensorDescriptor.__post_init__
+    monkeypatch.setattr(mod.TensorDescriptor, "__post_init__", lambda d: (checks.append(d), post_init(d)))
+    mod._DESC_CHECKED.clear()
     got = grads(None)
     assert launched == [((2, 2), 128, 64), ((2, 2), 64, 128)]  # dQ, then dK/dV
+    first = len(checks)
+    assert first == 2  # one geometry for every tile here ([1, 2, 200, 16] by 64 rows), one for the row vectors
+    again = grads(None)  # the same geometry: descriptors without checks, each on this call's tensors (_check_descs)
+    assert len(launched) == 4 and len(checks) == first
     want = grads({"GLUON": False})
-    assert len(launched) == 2
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert len(launched) == 4
+    for a, b, c in zip(got, again, want):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["causal", "alibi", "sliding_window"])
