@@ -227,7 +227,7 @@ def banded(pl: Plan) -> bool:
     return pl.sparse and bool(pl.segments) and all(narrow(s) for s in pl.segments)
 
 
-def band_width(pl: Plan, params: set[str], rows: bool = False) -> list[dict] | None:
+def band_ranges(pl: Plan, params: set[str], rows: bool = False) -> list[dict] | None:
     """Python for the ranges of queries a key sees (rows: of keys a query sees), from the dK/dV side's segments (rows:
     the forward's): per segment {"lo", "hi", "on" (None: always)} in kv_idx (q_idx), q_len, kv_len and the spec's
     params. The host averages the size of their union (_covered) to pick a banded mask's kernels (_long_band,
@@ -421,8 +421,8 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         grads_doc=[f"{g.name}[{', '.join(py(i) for i in g.index)}] = {py(g.partial)}" for g in pl.input_grads],
         fwd=fwd, bwd=bwd, notes_fwd=notes_fwd, block_map=block_map, map_vars=map_vars, fine=fine,
         banded=band, sm90=sm90, sm90_bwd=sm90_bwd, dscore_reads_qk=dscore_reads_qk(pl), split=split,
-        band_width=band_width(pl, {p.name for p in user.params}) if band and sm90_bwd and not block_map else None,
-        band_rows=band_width(pl, {p.name for p in user.params}, rows=True) if band and sm90 else None,
+        band_keys=band_ranges(pl, {p.name for p in user.params}) if band and sm90_bwd and not block_map else None,
+        band_rows=band_ranges(pl, {p.name for p in user.params}, rows=True) if band and sm90 else None,
         split_doc=[f"{label} = {py(n)}" for label, n in (("c", pl.split.qk), ("key", pl.split.key),
                                                           ("shift", pl.split.shift))] if split else [],
         longest_first=not band and skewed(pl), key_chunks=key_chunks(pl, block_map),
