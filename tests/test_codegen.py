@@ -21,7 +21,8 @@ def test_module_is_deterministic_and_self_contained(path):
         tree = ast.parse(code)
         imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-        assert imported <= {"functools", "math", "torch", "triton", "triton.language", "triton.experimental",
+        stdlib = {"concurrent.futures", "contextvars", "functools", "math", "os"}
+        assert imported <= stdlib | {"torch", "triton", "triton.language", "triton.experimental",
                             "triton.experimental.gluon", "triton.experimental.gluon.language.nvidia.hopper",
                             "triton.experimental.gluon.nvidia.hopper"}, imported
         doc = ast.get_docstring(tree)

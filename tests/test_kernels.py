@@ -500,3 +500,77 @@ def test_launch_signatures_tell_apart_what_triton_specializes_on(examples):
     assert sig((1,), {"BLOCK_M": 64}) != sig((1,), {"BLOCK_M": 128})
     assert sig((1,), grid=(4, 2)) != sig((1,), grid=(4, 3))
     assert sig(((1, 2),)) is None and sig((object(),)) is None
+
+
+def _rehearsing(mod, monkeypatch) -> tuple[list, list]:
+    """_prebuild on for CPU tensors. Returns (built, ran): each rehearsal's launches as _build_all would compile
+    them, and the launches that really ran, by _signature (what picks a compiled variant)."""
+    built, ran = [], []
+    monkeypatch.setattr(mod, "_jit_compiles", lambda q: True)
+    monkeypatch.setattr(mod, "_build_all", lambda launches: built.append({mod._signature(*x) for x in launches}))
+    real = mod._launch
+
+    def spy(kernel, grid, *args, **kw):
+        if mod._DRY_RUN.get() is None:
+            ran.append(mod._signature(kernel, grid, args, kw))
+        return real(kernel, grid, *args, **kw)
+
+    monkeypatch.setattr(mod, "_launch", spy)
+    mod._BUILT.clear()
+    return built, ran
+
+
+def _fwd_bwd(fn, q, k, v, dout, **kw) -> list:
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, **kw)
+    out.backward(dout)
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+@pytest.mark.parametrize("name", ["causal", "dilated", "softcap"])
+def test_prebuild_rehearses_the_launches_of_the_call(examples, monkeypatch, name):
+    """A first call rehearses its forward and backward and builds what they will launch, nothing else; the call
+    then runs as without it (same results), and later calls of the same kind rehearse nothing."""
+    kernel, fn = examples[name]
+    mod = sys.modules[fn.__module__]
+    q, k, v, _ = make_inputs(kernel, Shape(1, 2, 2, 200, 200, 16, 16), torch.float32, DEVICE, seed=5)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    want = _fwd_bwd(fn, q, k, v, dout)
+    built, ran = _rehearsing(mod, monkeypatch)
+    got = _fwd_bwd(fn, q, k, v, dout)
+    assert len(built) == 1 and built[0] == set(ran) and len(set(ran)) >= 3  # forward, dQ, dK/dV at least
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    _fwd_bwd(fn, q, k, v, dout)
+    q2, k2, v2, _ = make_inputs(kernel, Shape(1, 2, 2, 216, 216, 16, 16), torch.float32, DEVICE, seed=7)
+    _fwd_bwd(fn, q2, k2, v2, torch.randn_like(q2))  # the same classes of sizes (not multiples of 16, 8 bits)
+    assert len(built) == 1
+    with torch.no_grad():
+        fn(q, k, v)  # a forward alone is another kind of call
+    # one launch has nothing to build beside it; dilated's residues 0 and 1 are two variants (Triton specializes 1)
+    assert len(built) == (2 if name == "dilated" else 1)
+    assert len(mod._BUILT) == 5  # two kinds of call (keys), three calls as they came
+
+
+def test_prebuild_keeps_a_block_map_clean(examples, monkeypatch):
+    """The rehearsal's block-map lists are never kept: a map passed in, or one that `block_map` builds, holds
+    only the lists real launches wrote. Errors the call raises still reach the caller."""
+    kernel, fn = examples["document"]
+    mod = sys.modules[fn.__module__]
+    q, k, v, inputs = make_inputs(kernel, Shape(1, 2, 2, 150, 150, 16, 16), torch.float32, DEVICE, seed=8)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    want = _fwd_bwd(fn, q, k, v, dout, **inputs)
+    built, ran = _rehearsing(mod, monkeypatch)
+    bmap = fn.block_map(q, k, v, **inputs)
+    assert len(built) == 1 and built[0] == set(ran)  # the map kernel and its lists
+    lists = dict(bmap._lists)
+    ran.clear()
+    got = _fwd_bwd(fn, q, k, v, dout, **inputs, block_map=bmap)
+    assert bmap._lists == lists and built[1] == set(ran)
+    big = dict(BLOCK_M=64, BLOCK_N=64)  # lists the map has not made: made by the call proper, then kept
+    _fwd_bwd(fn, q, k, v, dout, **inputs, block_map=bmap, config=big)
+    assert set(bmap._lists) - set(lists) == {(64, 64, False), (64, 64, True)}
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"block_map sizes \(B differ\)"):
+        fn(q[:0], k[:0], v[:0], inputs["doc_id"][:0], block_map=bmap)
