@@ -12,7 +12,7 @@ from .analyze import Plan, Segment, plan
 from .ir import LAYOUTS, SERVING, Kernel, Node, Op
 from .printer import PythonPrinter, TritonPrinter, input_args, literal, param_name
 from .resources import resource_dir
-from .rewrite import rewrite
+from .rewrite import RESIDUE, rewrite
 from .runtime import writable_cache
 
 _KERNEL_VARS = {v: v for v in ("b", "h", "q_idx", "kv_idx", "q_len", "kv_len", "qk", "sm_scale", "kv0")}
@@ -440,6 +440,9 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         inputs_doc={i.name: f"{i.dtype}[{', '.join(py(d) for d in i.shape)}]" + (" (learnable)" if i.learnable else "")
                     for i in k.inputs},
         params_table=_table({p.name: (p.type.value, p.default) for p in user.params}), dilation=rw.dilation,
+        # the residue r of a strided sub-problem stays a plain argument: specialized (Triton folds 1 and multiples of
+        # 16), residues 0 and 1 would compile every kernel twice
+        entry_jit=f"(do_not_specialize=[{param_name(RESIDUE)!r}])" if rw.dilation > 1 else "",
         inputs_table=_inputs_table(k), heads_q=k.heads_q, heads_kv=k.heads_kv, layout=k.layout.kind,
         shape_q=shape_doc[0], shape_k=shape_doc[1], shape_v=shape_doc[2], shape_out=shape_doc[3],
         scale_expr=py(k.scale) if k.scale is not None else "1.0 / math.sqrt(Dqk)",

@@ -363,3 +363,16 @@ def test_gluon_dkdv_folds_a_nonlinear_dscore_before_the_wait(name, early):
     step = src[src.index("def _dkdv90_step"):src.index("def _dkdv90_compute")]
     assert (step.index("_dscore(") < step.index("dpT = warpgroup_mma_wait")) == early
     assert '"dkdv_sm90": (64, 128)' in src
+
+
+def test_strided_sub_problems_share_their_kernels():
+    """A dilated mask's residue r is a plain argument of every entry kernel: specialized, residues 0 and 1 would
+    compile each kernel twice (Triton folds 1 and marks multiples of 16). Kernels of other specs keep the default."""
+    import re
+
+    for spec, opts in (("dilated.attn", "(do_not_specialize=['prm__r'])"), ("causal.attn", "")):
+        code = next(iter(compile_source((ROOT / "examples" / spec).read_text(), spec).values()))
+        entries = dict((n, o) for o, n in re.findall(r"@(?:triton|gluon)\.jit(.*)\ndef \w+?_((?:fwd|bwd)\w*_kernel)\(",
+                                                      code))
+        assert set(entries) >= {"fwd_kernel", "bwd_dq_kernel", "bwd_dkdv_kernel", "fwd_sm90_kernel"}, entries
+        assert set(entries.values()) == {opts}, entries
