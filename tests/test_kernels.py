@@ -506,7 +506,7 @@ def _rehearsing(mod, monkeypatch) -> tuple[list, list]:
     """_prebuild on for CPU tensors. Returns (built, ran): each rehearsal's launches as _build_all would compile
     them, and the launches that really ran, by _signature (what picks a compiled variant)."""
     built, ran = [], []
-    monkeypatch.setattr(mod, "_jit_compiles", lambda q: True)
+    monkeypatch.setattr(mod, "_builds_ahead", lambda q: True)
     monkeypatch.setattr(mod, "_build_all", lambda kernels: built.append({mod._signature(*x) for k in kernels
                                                                           for x in k}))
     real = mod._launch
