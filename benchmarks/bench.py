@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/bench.py --out $OUT                  # the H100 run, all rows (< 10 min)
     PYTHONPATH=. python benchmarks/bench.py --only causal,document --skip-bwd
     PYTHONPATH=. python benchmarks/bench.py --smoke --out /tmp/bench    # CPU: tiny shapes, Triton interpreter
+    PYTHONPATH=. python benchmarks/bench.py --shape 8,16,2048,64        # another training shape (B,H,S,D)
 
 One process, the same inputs for every contestant: bf16, B=2, H=16, S=8192, D=128 (GQA row: 16 query
 heads over 4 KV heads). Each row compiles its spec from a `.attn` file (`examples/` or
@@ -26,7 +27,11 @@ heads over 4 KV heads). Each row compiles its spec from a `.attn` file (`example
    it, 0 ms for arithmetic masks and n/a for masks that read a tensor. Against `create_block_mask`
    eager and `torch.compile(create_block_mask)`.
 
-Writes `<out>/<date>-<device>.json` and `.md` (default out: benchmarks/results). Exit status 1 when a
+`--shape B,H,S,D` runs the rows at another shape (the GQA row keeps 16 query heads over 4 KV heads; the
+window and prefix rows scale with S as at 8192: S/8 and S/4). The targets are the S=8192 ones.
+
+Writes `<out>/<date>-<device>.json` and `.md` (default out: benchmarks/results; with `--shape`, the stem
+ends in `-B8-H16-S2048-D64`). Exit status 1 when a
 row fails its check or raises. `--smoke` runs every row at B=1, H=2 (GQA row 16/4), S=64, D=32 in
 fp16 (the Triton interpreter computes bf16 dots wrongly); without CUDA it uses the interpreter, eager
 flex_attention (no backward on CPU: the gradient baseline is then the dense reference in fp16),
@@ -116,7 +121,19 @@ def make_env(a) -> Env:
     build = Path(tempfile.mkdtemp(prefix="attngen-bench-"))
     if a.smoke:
         return Env(dev, torch.float16, 1, 2, 1, 64, 32, True, not a.skip_bwd, build)
-    return Env(dev, torch.bfloat16, 2, 16, 16, 8192, 128, False, not a.skip_bwd, build)
+    B, H, S, D = a.shape or (2, 16, 8192, 128)
+    return Env(dev, torch.bfloat16, B, H, H, S, D, False, not a.skip_bwd, build)
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """`--shape B,H,S,D`: four positive integers, D a power of two (the kernels' head-dim tiles)."""
+    try:
+        B, H, S, D = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected B,H,S,D (four integers), got {text!r}") from None
+    if min(B, H, S, D) < 1 or D & (D - 1) or D < 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: B, H, S must be positive and D a power of two >= 16")
+    return B, H, S, D
 
 
 def info(env: Env) -> dict:
@@ -622,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated row names: " + ",".join(r.name for r in ROWS))
     ap.add_argument("--skip-bwd", action="store_true", help="forward only")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU: Triton interpreter)")
+    ap.add_argument("--shape", type=parse_shape, help="B,H,S,D instead of 2,16,8192,128 (bf16)")
     ap.add_argument("--budget-s", type=float, default=480.0,
                     help="start no row after this many seconds (the device allows 600 s a command)")
     a = ap.parse_args(argv)
@@ -649,6 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{inf['date']}-{device_slug(env, inf['device'])}"
+    if a.shape and not env.smoke:
+        stem += "-B{}-H{}-S{}-D{}".format(*a.shape)
     for row in rows:
         t0 = time.perf_counter()
         if t0 - t_all > a.budget_s:  # leave time to write what we have before the device's limit
