@@ -5,8 +5,10 @@ Gradients: dq, dk, dv and every learnable input, from a random dO and a random d
 from __future__ import annotations
 
 import sys
+from types import SimpleNamespace
 
 import pytest
+import triton
 import torch
 from conftest import DEVICE, StandInJit, compile_spec, example_names
 
@@ -575,3 +577,69 @@ def test_prebuild_keeps_a_block_map_clean(examples, monkeypatch):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match=r"block_map sizes \(B differ\)"):
         fn(q[:0], k[:0], v[:0], inputs["doc_id"][:0], block_map=bmap)
+
+
+def test_fast_launch_passes_what_tritons_launcher_passes(examples, monkeypatch):
+    """_fast_launch against Triton 3.6's own path (CudaLauncher.__call__ and its descriptor wrapper, run here on a
+    stand-in C launcher that records its arguments): the same arguments, except tensors as their addresses and no
+    launch metadata or hooks; scratch buffers alike; a descriptor encoded once while its tensor and geometry stay
+    the same; and Triton's runner when a launch hook is set."""
+    from triton import knobs
+    from triton.backends.nvidia import driver
+    from triton.runtime import _allocation
+
+    mod = sys.modules[examples["causal"][1].__module__]
+    encoded, calls, runner, allocs = [], [], [], []
+
+    def encode(d, meta):  # make_tensordesc_arg's stand-in: fill_tma_descriptor needs a driver
+        encoded.append(d.base.data_ptr())
+        return [("map", d.base.data_ptr(), meta["swizzle"]), *d.shape, *d.strides]
+
+    monkeypatch.setattr(driver, "make_tensordesc_arg", encode)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 77, raising=False)
+    token = _allocation._allocator.set(lambda size, align, stream: allocs.append((size, align, stream)) or len(allocs))
+    signature = {"x": "*bf16", "d": "tensordesc<bf16[64, 64]>", "n": "i32", "y": "*fp32", "s": "fp32",
+                 "BLOCK": "constexpr"}
+    run = driver.CudaLauncher.__new__(driver.CudaLauncher)
+    run.launch = driver.wrap_handle_tensordesc(lambda *a: calls.append(a), signature, [
+        {"swizzle": 3, "elem_size": 2, "elem_type": "bf16", "block_size": [64, 64], "fp4_padded": False}])
+    run.num_ctas, run.launch_cooperative_grid, run.launch_pdl = 1, False, False
+    run.global_scratch_size, run.global_scratch_align, run.profile_scratch_size, run.profile_scratch_align = 8, 16, 0, 1
+
+    class Compiled:  # a CompiledKernel's parts that the launch reads
+        function, packed_metadata, src = 5, (4, 1, 0), SimpleNamespace(signature=signature)
+
+        def __init__(self):
+            self.run = run
+
+        def __getitem__(self, grid):
+            return lambda *a: runner.append((grid, a))
+
+    def desc(t):
+        return SimpleNamespace(base=t, shape=[64, 64], strides=[64, 1], padding="zero")
+
+    x, y = torch.randn(64, 64).bfloat16(), torch.randn(8)
+    args = (x, desc(x), 7, y, 0.5, 64)
+    try:
+        driver.CudaLauncher.__call__(run, 3, 2, 1, 77, 5, (4, 1, 0), None, None, None, *args)
+        fast = mod._fast_launch(Compiled(), (3, 2, 1), 0)
+        fast(*args)
+        assert len(calls) == 2 and allocs == [(3 * 2 * 8, 16, 77)] * 2
+        want, got = list(calls[0]), list(calls[1])
+        assert (want[7], got[7]) == (1, 2)  # each launch its own scratch buffer
+        want[7] = got[7] = None
+        want[13], want[20] = x.data_ptr(), y.data_ptr()  # Triton's launcher reads the addresses itself
+        assert got == want
+        fast(*args)  # the same descriptor: encoded once
+        assert encoded == [x.data_ptr(), x.data_ptr()]  # Triton's path, then the first fast launch
+        x2 = torch.randn(64, 64).bfloat16()
+        fast(x2, desc(x2), 7, y, 0.5, 64)
+        assert encoded[-1] == x2.data_ptr() and calls[-1][14][1] == x2.data_ptr()
+        knobs.runtime.launch_enter_hook.add(print)
+        try:
+            fast(*args)
+        finally:
+            knobs.runtime.launch_enter_hook.remove(print)
+        assert runner == [((3, 2, 1), args)] and len(calls) == 4
+    finally:
+        _allocation._allocator.reset(token)
