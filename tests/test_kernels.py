@@ -368,8 +368,9 @@ def test_tma_forward_path(examples, name):
 
 @pytest.mark.parametrize("name", ["sliding_window", "document", "causal"])
 def test_banded_forward_defaults_trade_stages_for_occupancy(examples, name):
-    """On Hopper with TMA, banded masks' forward runs one stage under a 128-register cap (4 programs per SM);
-    the cap goes with those tiles only: overrides of tiles, warps or stages drop it unless they set their own."""
+    """On Hopper with TMA, banded masks' forward runs one stage under a 128-register cap (4 programs per SM) for
+    head dims from 65 to 128, and two stages uncapped up to 64; the cap goes with those tiles only: overrides of
+    tiles, warps or stages drop it unless they set their own."""
     mod = sys.modules[examples[name][1].__module__]
     cuda = torch.device("cuda")
     c = mod._config(128, 128, cuda, None, tma=True)
@@ -377,6 +378,8 @@ def test_banded_forward_defaults_trade_stages_for_occupancy(examples, name):
         assert "maxnreg" not in c
         return
     assert c == dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, maxnreg=128)
+    assert mod._config(64, 64, cuda, None, tma=True) == dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    assert mod._config(128, 64, cuda, None, tma=True)["maxnreg"] == 128
     assert "maxnreg" not in mod._config(128, 128, cuda, None, tma=False)
     assert "maxnreg" not in mod._config(192, 128, cuda, None, tma=True)
     assert "maxnreg" not in mod._config(128, 128, torch.device("cpu"), None, tma=True)
