@@ -8,7 +8,6 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-import triton
 import torch
 from conftest import DEVICE, StandInJit, compile_spec, example_names
 
