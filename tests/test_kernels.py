@@ -645,3 +645,62 @@ def test_fast_launch_passes_what_tritons_launcher_passes(examples, monkeypatch):
         assert runner == [((3, 2, 1), args)] and len(calls) == 4
     finally:
         _allocation._allocator.reset(token)
+
+
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "document", "dilated", "alibi", "relative_bias",
+                                  "softcap"])
+@pytest.mark.parametrize("major", [0, 9])
+def test_remembered_plans_decide_as_afresh(examples, monkeypatch, name, major):
+    """_plan remembers a pass's launch decisions per call signature. Calls that differ in what the decisions read
+    (dtype, strides, 16-byte alignment, lengths, params, config, head dims; on Hopper (major 9, as seen by the host)
+    the Gluon rules too), run in an interleaved order with plans, launch exactly what they launch decided afresh:
+    the same kernels, grids, keywords and arguments (tensors by shape, strides and dtype)."""
+    kernel, fn = examples[name]
+    mod = sys.modules[fn.__module__]
+    monkeypatch.setattr(mod, "_major", lambda t: major)
+    monkeypatch.setattr(mod, "_sms", lambda d: 132)
+    monkeypatch.setattr(mod, "_builds_ahead", lambda q: False)
+    monkeypatch.setattr(mod, "_ensure_allocator", lambda: None)
+    launches: list = []
+
+    def record(k, grid, *args, **kw):
+        meta = tuple((tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else
+                     (type(a).__name__, getattr(a, "block_shape", a)) for a in args)
+        launches.append((getattr(k, "__name__", k), grid, meta, sorted(kw.items())))
+
+    monkeypatch.setattr(mod, "_launch", record)
+
+    base, long = Shape(1, 4, 2, 96, 96, 64, 64), Shape(1, 2, 1, 4096, 4096, 64, 64)
+    cases = [{}, {"offset": 1}, {"dtype": torch.float16, "strided": True}, {"config": {"fwd": {"num_warps": 8}}},
+             {"shape": Shape(1, 4, 2, 80, 112, 128, 128)}, {"dtype": torch.float32, "config": {"BLOCK_M": 32}},
+             {"learn": True}, {"broadcast_dout": True}, {"shape": long, "window": 2048}, {"shape": long, "window": 64},
+             {"scale": -0.125}, {}]  # launches stubbed: the long rows cost nothing
+
+    def run(plans: bool) -> list:
+        mod._PLANS.clear()
+        if not plans:
+            monkeypatch.setattr(mod, "_plan", lambda key, decide, *a: decide(*a))
+        out = []
+        for _ in range(2):  # twice: the second round finds every plan made
+            for i, case in enumerate(cases):
+                shape = case.get("shape", base)
+                q, k, v, inputs = make_inputs(kernel, shape, case.get("dtype", torch.bfloat16), DEVICE, seed=i)
+                if case.get("offset"):  # an address off the 16-byte grid: no descriptors
+                    q = torch.cat([q.new_zeros(1), q.flatten()])[1:].view(q.shape)
+                if case.get("strided"):  # other strides: [B, S, H, D] underneath
+                    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+                params = params_for(kernel, shape)
+                if "window" in params and "window" in case:  # long bands run other kernels on Hopper
+                    params["window"] = case["window"]
+                learn = [x for x in inputs.values() if x.is_floating_point()] if case.get("learn") else []
+                launches.clear()
+                leaves = [t.requires_grad_() for t in (q, k, v, *learn)]
+                o = fn(*leaves[:3], **inputs, **params, config=case.get("config"), scale=case.get("scale"))
+                o.backward(torch.ones(1, dtype=o.dtype).expand_as(o) if case.get("broadcast_dout") else
+                           torch.ones_like(o))
+                out.append(list(launches))
+        return out
+
+    remembered = run(plans=True)
+    assert len(mod._PLANS) >= 6 and all(remembered)
+    assert remembered == run(plans=False)
