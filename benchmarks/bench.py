@@ -643,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=480.0,
                     help="start no row after this many seconds (the device allows 600 s a command)")
     a = ap.parse_args(argv)
+    if a.shape and a.smoke:
+        ap.error("--shape and --smoke: choose one (the smoke run has its own tiny shapes)")
     rows = ROWS
     if a.only:
         names = a.only.split(",")
@@ -667,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{inf['date']}-{device_slug(env, inf['device'])}"
-    if a.shape and not env.smoke:
+    if a.shape:
         stem += "-B{}-H{}-S{}-D{}".format(*a.shape)
     for row in rows:
         t0 = time.perf_counter()

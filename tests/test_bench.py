@@ -118,3 +118,17 @@ def test_resource_report_builds_what_the_host_launches(examples):
     assert [k for k, _ in res.launches(long, {"window": 1024})] == ["fwd_sm90", "dq_sm90", "dkdv_sm90"]
     assert launched("document") == [("fwd", 64, 64, 4, 1, True, {"TMA": True}, 128),
                                     ("dq", 64, 64, 4, 2, True, None, None), ("dkdv", 64, 64, 4, 2, True, None, None)]
+
+
+def test_shape_option_is_checked(bench, capsys):
+    """--shape B,H,S,D: four positive integers with a power-of-two head dim, and not with --smoke; a bad one is
+    refused with a message that names it."""
+    assert bench.parse_shape("8,16,2048,64") == (8, 16, 2048, 64)
+    for bad, says in (("8,16,x,64", "four integers"), ("8,16,2048", "four integers"), ("8,16,2048,48", "power of two"),
+                      ("0,16,2048,64", "positive")):
+        with pytest.raises(SystemExit):
+            bench.main(["--shape", bad])
+        assert says in capsys.readouterr().err, bad
+    with pytest.raises(SystemExit):
+        bench.main(["--smoke", "--shape", "8,16,2048,64"])
+    assert "choose one" in capsys.readouterr().err
