@@ -222,10 +222,12 @@ def _compare(ours: dict, gold: dict, ref: dict, name: str, device, learnable=(),
 
 def check(kernel, fn, shape: Shape, dtype, device, seed: int = 0, config: dict | None = None,
           grad: bool = True, deterministic: bool = False, inputs: dict | None = None,
-          k_factor: float | None = None) -> Result:
+          k_factor: float | None = None, repeat: int = 1) -> Result:
     """Run the generated function and the interpreter; compare both against fp64, outputs and
     (with grad) every gradient: q, k, v and the learnable inputs. `inputs` replaces some of the
-    random input tensors (e.g. document ids with a chosen structure); `k_factor` replaces K_FACTOR."""
+    random input tensors (e.g. document ids with a chosen structure); `k_factor` replaces K_FACTOR.
+    `repeat` > 1 runs the function that often and compares the last run: a repeated call goes through the
+    remembered launch decisions and direct launches, where a first call decides afresh and JIT-launches."""
     import torch
 
     from .interpreter import interpret
@@ -252,7 +254,8 @@ def check(kernel, fn, shape: Shape, dtype, device, seed: int = 0, config: dict |
     def fixed_of(ins):
         return {n: ins[n] for n in fixed}
 
-    ours = call(fn, q, k, v, inputs, config=config, deterministic=deterministic)
+    for _ in range(repeat):
+        ours = call(fn, q, k, v, inputs, config=config, deterministic=deterministic)
     gold = call(interp, up(q), up(k), up(v), {n: up(t) for n, t in inputs.items()})
     ref_dev = device if dtype != torch.float16 or device.type == "cuda" else torch.device("cpu")
     ref = call(interp, q.to(ref_dev), k.to(ref_dev), v.to(ref_dev), {n: t.to(ref_dev) for n, t in inputs.items()})
@@ -312,8 +315,10 @@ def serving_case(kernel, shape: ServeShape, dtype, device, seed: int, values_in_
 
 
 def check_serving(kernel, fn, shape: ServeShape, dtype, device, seed: int = 0, config: dict | None = None,
-                  values_in_keys: bool = False, poison_before: tuple[int, ...] | None = None) -> Result:
-    """A paged or ragged kernel against the interpreter, both against an fp64 golden (forward only)."""
+                  values_in_keys: bool = False, poison_before: tuple[int, ...] | None = None,
+                  repeat: int = 1) -> Result:
+    """A paged or ragged kernel against the interpreter, both against an fp64 golden (forward only); the last
+    of `repeat` runs is compared (see check)."""
     import torch
 
     from .interpreter import interpret
@@ -324,7 +329,8 @@ def check_serving(kernel, fn, shape: ServeShape, dtype, device, seed: int = 0, c
     *_, inputs = make_inputs(kernel, Shape(len(s.q_lens), s.Hq, s.Hkv, max(s.q_lens, default=1),
                                              max(s.kv_lens, default=1), s.Dqk, s.Dv), dtype, device, seed)
     params = params_for(kernel, Shape(1, 1, 1, 1, max(s.kv_lens, default=1), 1, 1))
-    out, lse = fn(*args, **inputs, **params, **kw, return_lse=True, config=config)
+    for _ in range(repeat):
+        out, lse = fn(*args, **inputs, **params, **kw, return_lse=True, config=config)
     if kernel.layout.kind == "paged":
         named = dict(block_table=ref_table, kv_lens=rest[1], **kw)
     else:

@@ -49,7 +49,7 @@ def correctness(fns: dict) -> list[dict]:
     for i, (name, shape, kw) in enumerate(cases):
         kernel, fn = fns[name]
         for dtype in (torch.bfloat16, torch.float16):
-            r = check_serving(kernel, fn, shape, dtype, torch.device("cuda"), seed=i, **kw)
+            r = check_serving(kernel, fn, shape, dtype, torch.device("cuda"), seed=i, repeat=2, **kw)
             rows.append(dict(name=name, shape=str(shape), dtype=r.dtype, ok=r.ok, why=r.why, errors=r.errors))
             print(f"{'ok  ' if r.ok else 'FAIL'} {name:15s} {r.dtype:8s} {r.shape:40s} {r.line()} {r.why}", flush=True)
     return rows
