@@ -507,6 +507,13 @@ def bench_attention(row: AttnRow, env: Env) -> dict:
 RUNNERS: dict[str, Callable] = {"attention": bench_attention}
 
 
+def title_at(row: AttnRow, S: int) -> str:
+    """The row's title, which names its S=8192 params, with the params that differ at this S (--shape)."""
+    here, base = row.params(S), row.params(8192)
+    moved = [f"{k}={v}" for k, v in here.items() if base.get(k) != v]
+    return row.title + (f" (here {', '.join(moved)})" if moved else "")
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -684,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 r = dict(kind=row.kind, name=row.name, title=row.title, spec=row.spec, ok=False,
                          error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
-        r["anchor"] = row.anchor
+        r["anchor"], r["title"] = row.anchor, title_at(row, env.S)
         r["seconds"] = time.perf_counter() - t0
         results.append(r)
         print(summary_line(r), f"({r['seconds']:.1f}s)", flush=True)

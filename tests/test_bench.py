@@ -132,3 +132,8 @@ def test_shape_option_is_checked(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--smoke", "--shape", "8,16,2048,64"])
     assert "choose one" in capsys.readouterr().err
+    # the titles name the S=8192 params: at another S they say which params moved
+    rows = {r.name: r for r in bench.ROWS}
+    assert bench.title_at(rows["sliding_window"], 2048) == "causal sliding window 1024 (here window=256)"
+    assert bench.title_at(rows["sliding_window"], 8192) == "causal sliding window 1024"
+    assert bench.title_at(rows["causal"], 2048) == rows["causal"].title

@@ -515,10 +515,10 @@ def _rehearsing(mod, monkeypatch) -> tuple[list, list]:
                                                                           for x in k}))
     real = mod._launch
 
-    def spy(kernel, grid, *args, **kw):
+    def spy(kernel, grid, *args, _slots=None, **kw):
         if mod._DRY_RUN.get() is None:
             ran.append(mod._signature(kernel, grid, args, kw))
-        return real(kernel, grid, *args, **kw)
+        return real(kernel, grid, *args, _slots=_slots, **kw)
 
     monkeypatch.setattr(mod, "_launch", spy)
     mod._BUILT.clear()
@@ -647,8 +647,53 @@ def test_fast_launch_passes_what_tritons_launcher_passes(examples, monkeypatch):
         _allocation._allocator.reset(token)
 
 
-@pytest.mark.parametrize("name", ["causal", "sliding_window", "document", "dilated", "alibi", "relative_bias",
-                                  "softcap"])
+PLANNED = ["causal", "sliding_window", "document", "dilated", "alibi", "relative_bias", "softcap"]
+# calls that differ in what a pass's launch decisions or its launches' specialization read
+PLAN_CASES = [{}, {"offset": 1}, {"dtype": torch.float16, "strided": True}, {"config": {"fwd": {"num_warps": 8}}},
+              {"shape": Shape(1, 4, 2, 80, 112, 128, 128)}, {"dtype": torch.float32, "config": {"BLOCK_M": 32}},
+              {"learn": True}, {"broadcast_dout": True}, {"long": True, "window": 2048}, {"long": True, "window": 64},
+              {"scale": -0.125}, {"learn": True, "deterministic": True}, {"lse": True}, {"input_offset": 1},
+              {"long": True, "one_doc": True}, {}]
+
+
+def _host_sees(mod, monkeypatch, major: int) -> None:
+    """The generated module's host code as on a GPU of compute capability `major` (0: none) with 132 SMs."""
+    monkeypatch.setattr(mod, "_major", lambda t: major)
+    monkeypatch.setattr(mod, "_sms", lambda d: 132)
+    monkeypatch.setattr(mod, "_builds_ahead", lambda q: False)
+    monkeypatch.setattr(mod, "_ensure_allocator", lambda: None)
+
+
+def _plan_calls(kernel, fn, rounds: int = 2):
+    """PLAN_CASES' forward+backward calls, `rounds` times in turn; yields after each call."""
+    base, long = Shape(1, 4, 2, 96, 96, 64, 64), Shape(1, 2, 1, 4096, 4096, 64, 64)  # launches are stubbed
+    for _ in range(rounds):
+        for i, case in enumerate(PLAN_CASES):
+            shape = long if case.get("long") else case.get("shape", base)
+            q, k, v, inputs = make_inputs(kernel, shape, case.get("dtype", torch.bfloat16), DEVICE, seed=i)
+            if case.get("offset"):  # an address off the 16-byte grid: no descriptors
+                q = torch.cat([q.new_zeros(1), q.flatten()])[1:].view(q.shape)
+            if case.get("input_offset"):  # the spec's input tensors off the 16-byte grid
+                inputs = {n: torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape) for n, t in inputs.items()}
+            if case.get("one_doc"):  # integer inputs all 0 (one document): other block-map lists, the same shapes
+                inputs = {n: t if t.is_floating_point() else torch.zeros_like(t) for n, t in inputs.items()}
+            if case.get("strided"):  # other strides: [B, S, H, D] underneath
+                q = q.transpose(1, 2).contiguous().transpose(1, 2)
+            params = params_for(kernel, shape)
+            if "window" in params and "window" in case:  # long bands run other kernels on Hopper
+                params["window"] = case["window"]
+            learn = [x for x in inputs.values() if x.is_floating_point()] if case.get("learn") else []
+            leaves = [t.requires_grad_() for t in (q, k, v, *learn)]
+            o = fn(*leaves[:3], **inputs, **params, config=case.get("config"), scale=case.get("scale"),
+                   return_lse=bool(case.get("lse")), deterministic=bool(case.get("deterministic")))
+            o, lse = o if case.get("lse") else (o, None)
+            dout = torch.ones(1, dtype=o.dtype).expand_as(o) if case.get("broadcast_dout") else torch.ones_like(o)
+            torch.autograd.backward([o, lse] if lse is not None else [o],
+                                    [dout, torch.ones_like(lse)] if lse is not None else [dout])
+            yield
+
+
+@pytest.mark.parametrize("name", PLANNED)
 @pytest.mark.parametrize("major", [0, 9])
 def test_remembered_plans_decide_as_afresh(examples, monkeypatch, name, major):
     """_plan remembers a pass's launch decisions per call signature. Calls that differ in what the decisions read
@@ -657,50 +702,91 @@ def test_remembered_plans_decide_as_afresh(examples, monkeypatch, name, major):
     the same kernels, grids, keywords and arguments (tensors by shape, strides and dtype)."""
     kernel, fn = examples[name]
     mod = sys.modules[fn.__module__]
-    monkeypatch.setattr(mod, "_major", lambda t: major)
-    monkeypatch.setattr(mod, "_sms", lambda d: 132)
-    monkeypatch.setattr(mod, "_builds_ahead", lambda q: False)
-    monkeypatch.setattr(mod, "_ensure_allocator", lambda: None)
+    _host_sees(mod, monkeypatch, major)
     launches: list = []
 
-    def record(k, grid, *args, **kw):
+    def record(k, grid, *args, _slots=None, **kw):
         meta = tuple((tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else
                      (type(a).__name__, getattr(a, "block_shape", a)) for a in args)
         launches.append((getattr(k, "__name__", k), grid, meta, sorted(kw.items())))
 
     monkeypatch.setattr(mod, "_launch", record)
 
-    base, long = Shape(1, 4, 2, 96, 96, 64, 64), Shape(1, 2, 1, 4096, 4096, 64, 64)
-    cases = [{}, {"offset": 1}, {"dtype": torch.float16, "strided": True}, {"config": {"fwd": {"num_warps": 8}}},
-             {"shape": Shape(1, 4, 2, 80, 112, 128, 128)}, {"dtype": torch.float32, "config": {"BLOCK_M": 32}},
-             {"learn": True}, {"broadcast_dout": True}, {"shape": long, "window": 2048}, {"shape": long, "window": 64},
-             {"scale": -0.125}, {}]  # launches stubbed: the long rows cost nothing
-
     def run(plans: bool) -> list:
         mod._PLANS.clear()
         if not plans:
-            monkeypatch.setattr(mod, "_plan", lambda key, decide, *a: decide(*a))
+            monkeypatch.setattr(mod, "_plan", lambda key, decide, *a: (decide(*a), None))
         out = []
-        for _ in range(2):  # twice: the second round finds every plan made
-            for i, case in enumerate(cases):
-                shape = case.get("shape", base)
-                q, k, v, inputs = make_inputs(kernel, shape, case.get("dtype", torch.bfloat16), DEVICE, seed=i)
-                if case.get("offset"):  # an address off the 16-byte grid: no descriptors
-                    q = torch.cat([q.new_zeros(1), q.flatten()])[1:].view(q.shape)
-                if case.get("strided"):  # other strides: [B, S, H, D] underneath
-                    q = q.transpose(1, 2).contiguous().transpose(1, 2)
-                params = params_for(kernel, shape)
-                if "window" in params and "window" in case:  # long bands run other kernels on Hopper
-                    params["window"] = case["window"]
-                learn = [x for x in inputs.values() if x.is_floating_point()] if case.get("learn") else []
-                launches.clear()
-                leaves = [t.requires_grad_() for t in (q, k, v, *learn)]
-                o = fn(*leaves[:3], **inputs, **params, config=case.get("config"), scale=case.get("scale"))
-                o.backward(torch.ones(1, dtype=o.dtype).expand_as(o) if case.get("broadcast_dout") else
-                           torch.ones_like(o))
-                out.append(list(launches))
+        for _ in _plan_calls(kernel, fn):
+            out.append(list(launches))
+            launches.clear()
         return out
 
     remembered = run(plans=True)
     assert len(mod._PLANS) >= 6 and all(remembered)
     assert remembered == run(plans=False)
+
+
+class _StubJit:
+    """A generated kernel whose launches run nothing (kernel[grid](...) gives a stand-in compiled variant)."""
+
+    def __init__(self, real, name: str):
+        self.params, self.__name__ = getattr(real, "params", ()), name  # (the interpreter's have no params)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: object()
+
+
+@pytest.mark.parametrize("name", PLANNED)
+def test_plan_slots_launch_what_signatures_pick(examples, monkeypatch, name):
+    """A remembered plan keeps each launch's compiled variant (its slots), and later calls under the plan launch it
+    without _signature. Every such launch must be one whose _signature equals that of the launch the variant was
+    made for: the plan's key fixes everything Triton specializes on (PLAN_CASES vary it). Launches are stubbed: the
+    direct launch entries carry the signature they were made for."""
+    kernel, fn = examples[name]
+    mod = sys.modules[fn.__module__]
+    _host_sees(mod, monkeypatch, 9)
+    stubs = [attr for attr, val in vars(mod).items() if attr.startswith(name + "_") and hasattr(val, "run")]
+    assert len(stubs) >= 3
+    for attr in stubs:
+        monkeypatch.setattr(mod, attr, _StubJit(getattr(mod, attr), attr))
+    real_launch, real_sig, current, counts = mod._launch, mod._signature, [], {"sig": 0, "slot": 0}
+    missed: list = []  # second round: planned launches that needed _signature
+
+    def unfloat(sig: tuple) -> tuple:  # Triton does not specialize on floats' values (sm_scale may change)
+        return tuple((float,) if type(x) is tuple and x and x[0] is float else x for x in sig)
+
+    def launch(k, grid, *args, **kw):
+        current.append((k, grid, args, {n: x for n, x in kw.items() if n != "_slots"}))
+        before = counts["sig"]
+        real_launch(k, grid, *args, **kw)
+        if kw.get("_slots") is not None and counts["sig"] > before:
+            missed.append(k.__name__)
+
+    def signature(*a):
+        counts["sig"] += 1
+        return real_sig(*a)
+
+    def launched(fast, args) -> bool:
+        if fast is None:
+            return False
+        k, grid, a, kw = current[-1]
+        assert len(a) == len(args) and all(x is y for x, y in zip(a, args))  # the launch in progress
+        assert unfloat(fast[1]) == unfloat(real_sig(k, grid, a, kw)), f"{k.__name__}: a slot launched another variant"
+        counts["slot"] += 1
+        return True
+
+    monkeypatch.setattr(mod, "_launch", launch)
+    monkeypatch.setattr(mod, "_signature", signature)
+    monkeypatch.setattr(mod, "_direct", lambda k, grid, args, kw, compiled: ("variant", real_sig(k, grid, args, kw)))
+    monkeypatch.setattr(mod, "_launched_direct", launched)
+    monkeypatch.setattr(mod, "_LAUNCHED", {})
+    mod._PLANS.clear()
+    calls = _plan_calls(kernel, fn)
+    for _ in PLAN_CASES:  # the first round makes the plans and fills their slots
+        next(calls)
+    missed.clear()
+    slots = counts["slot"]
+    for _ in calls:
+        pass
+    assert not missed and counts["slot"] > slots + len(PLAN_CASES)
