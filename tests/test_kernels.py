@@ -675,7 +675,8 @@ def _plan_calls(kernel, fn, rounds: int = 2):
                 q = torch.cat([q.new_zeros(1), q.flatten()])[1:].view(q.shape)
             if case.get("input_offset"):  # the spec's input tensors off the 16-byte grid
                 inputs = {n: torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape) for n, t in inputs.items()}
-            if case.get("one_doc"):  # integer inputs all 0 (one document): other block-map lists, the same shapes
+            if case.get("one_doc"):  # integer inputs all 0 (one document): other block-map lists (their sizes must
+                # follow from the shapes alone, as the plans' slots assume)
                 inputs = {n: t if t.is_floating_point() else torch.zeros_like(t) for n, t in inputs.items()}
             if case.get("strided"):  # other strides: [B, S, H, D] underneath
                 q = q.transpose(1, 2).contiguous().transpose(1, 2)
