@@ -137,3 +137,14 @@ def test_shape_option_is_checked(bench, capsys):
     assert bench.title_at(rows["sliding_window"], 2048) == "causal sliding window 1024 (here window=256)"
     assert bench.title_at(rows["sliding_window"], 8192) == "causal sliding window 1024"
     assert bench.title_at(rows["causal"], 2048) == rows["causal"].title
+
+
+def test_call_overhead_script_runs(capsys):
+    """benchmarks/call_overhead.py (host time per call, launches stubbed) runs on the CPU and reports each spec."""
+    spec = importlib.util.spec_from_file_location("attngen_call_overhead", ROOT / "benchmarks" / "call_overhead.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--specs", "causal,document", "--calls", "2"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| causal")
+            or line.startswith("| document")]
+    assert len(rows) == 2 and all(float(r[2]) > 0 and float(r[3]) > float(r[2]) for r in rows)
