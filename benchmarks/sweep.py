@@ -1,6 +1,7 @@
 """Launch-configuration sweeps on the GPU (issue 4's autotuning notes; the defaults come from here).
 
-    python benchmarks/sweep.py [--out DIR] [--only fwd,bwd,mla,doc,banded,ragged,tma,splits,paged_splits]
+    python benchmarks/sweep.py [--out DIR] [--only fwd,bwd,mla,doc,banded,ragged,tma,splits,paged_splits,
+                                             gluon_stages]
 
 bf16, B=2, H=16, S=8192, D=128 for the training kernels (forward alone; forward + backward with the
 forward fixed at its default, so differences are the backward's); MLA decode (B=8, 16 heads over
@@ -236,6 +237,40 @@ def banded(tmp: Path) -> None:
                              config=cfg)
 
 
+def gluon_stages(tmp: Path) -> None:
+    """The Gluon kernels' ring depth (STAGES, 2 by default) per kernel, on full and causal, at D=128 (B2 H16 S8192)
+    and D=64 (B4 H16 S4096, bench.py --shape's second shape). Built for sm_90 on the CPU, the kernels use 65-96 KB of
+    shared memory at D=64 (129-192 KB at D=128), so D=64 has room for deeper rings. Forward alone for fwd_sm90;
+    forward+backward minus the forward for dq_sm90 and dkdv_sm90 (the other kernel at its default)."""
+    for D, (B, S) in ((128, (2, 8192)), (64, (4, 4096))):
+        q, k, v = _qkv(B, 16, S, D)
+        do = torch.randn_like(q)
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        fl = 4 * B * 16 * S * S * D
+        for name in ("full", "causal"):
+            (_, fn), = compiled(ROOT / "examples" / f"{name}.attn", tmp)
+            mod = sys.modules[fn.__module__]
+            default = mod._gluon_launch
+            dens = 1.0 if name == "full" else 0.5
+
+            def step():
+                qg.grad = kg.grad = vg.grad = None
+                fn(qg, kg, vg).backward(do)
+            base = _time(lambda: fn(q, k, v))
+            for kern, stages in itertools.product(("fwd_sm90", "dq_sm90", "dkdv_sm90"), (2, 3, 4)):
+                mod._gluon_launch = lambda which, d_qk, d_v, kern=kern, stages=stages: {
+                    **default(which, d_qk, d_v), **({"STAGES": stages} if which == kern else {})}
+                mod._PLANS.clear()  # the plans hold the launch keywords
+                if kern == "fwd_sm90":
+                    _measure(lambda: fn(q, k, v), fl * dens, "tflops", kind="gluon stages", variant=f"{name} D{D}",
+                             config={kern: stages})
+                elif base:
+                    _measure(step, 2.5 * fl * dens, "tflops", base, kind="gluon stages", variant=f"{name} D{D}",
+                             config={kern: stages})
+            mod._gluon_launch = default
+            mod._PLANS.clear()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -258,6 +293,8 @@ def main() -> None:
             ragged(Path(tmp))
         if "tma" in which:
             tma(Path(tmp))
+        if "gluon_stages" in which:
+            gluon_stages(Path(tmp))
         if "splits" in which:
             splits(Path(tmp))
         if "paged_splits" in which:
