@@ -26,6 +26,27 @@ def test_example_matches_interpreter(examples, name, dtype, shape):
     assert r.ok, f"{name} {r.dtype} {r.shape}: {r.why}"
 
 
+@pytest.mark.parametrize("name", ["dilated", "relative_bias"])
+def test_repeated_calls_compare_the_last(examples, monkeypatch, name):
+    """check(repeat=2), as the GPU scripts run it: the function runs twice and the second run is the one compared
+    (on the GPU it goes through the remembered decisions and direct launches). A second run that went wrong would
+    fail the check."""
+    kernel, fn = examples[name]
+    calls = []
+
+    def counted(*a, **kw):
+        calls.append(1)
+        out = fn(*a, **kw)
+        if len(calls) != 2:
+            return out
+        return (out[0] * 1.01, *out[1:]) if isinstance(out, tuple) else out * 1.01  # only the second run is wrong
+
+    assert check(kernel, fn, CPU_SHAPES[0], torch.float32, DEVICE, seed=2, repeat=2).ok
+    assert not check(kernel, counted, CPU_SHAPES[0], torch.float32, DEVICE, seed=2, repeat=2).ok
+    calls.clear()
+    assert check(kernel, counted, CPU_SHAPES[0], torch.float32, DEVICE, seed=2, repeat=1).ok
+
+
 @pytest.mark.parametrize("name", example_names())
 def test_dense_mode_matches_sparse(examples, examples_dense, name):
     """The suite with the sparsity analysis off: same results, and both correct."""
