@@ -71,12 +71,13 @@ class StandInJit:
     launches that went through that instead."""
 
     def __init__(self, real):
-        self.real, self.direct = real, 0
+        self.real, self.direct, self.grids = real, 0, []  # grids: those of the JIT launches
         self.params = [SimpleNamespace(name=n, default=p.default)
                        for n, p in inspect.signature(real.fn).parameters.items()]
 
     def __getitem__(self, grid):
         def launch(*args, **kw):
+            self.grids.append(grid)
             self.real[grid](*args, **kw)
             return _StandInCompiled(self)
         return launch

@@ -155,7 +155,7 @@ def test_remembered_calls_launch_the_compiled_variant(specs, monkeypatch):
         assert jit.direct == i
         assert torch.equal(got, fn(q, kc, vc, table, lens, window=9, config={}))
     assert not torch.equal(got, fn(q, kc, vc, table, lens, window=5))  # the params reach the kernel
-    # stream-K (a one-dimensional grid) on a ragged batch, as on a GPU with 16 SMs
+    # stream-K (a one-dimensional grid) on a ragged batch, as on a GPU with 16 SMs (32 programs)
     _, rag = specs["capped"]
     rmod = sys.modules[rag.__module__]
     jit = StandInJit(rmod.capped_serve_kernel)
@@ -168,8 +168,8 @@ def test_remembered_calls_launch_the_compiled_variant(specs, monkeypatch):
     for i in range(2):
         qr = torch.randn(3, 4, 16, device=DEVICE, generator=g)
         got = rag(qr, kr, kr, cu_q, cu_k, max_seqlen_q=2, max_seqlen_k=40)
-        assert jit.direct == i
-        assert torch.equal(got, rag(qr, kr, kr, cu_q, cu_k, config={"PROGRAMS": 16}))
+        assert jit.direct == i and jit.grids[0] == (32,)  # two programs per SM
+        assert torch.equal(got, rag(qr, kr, kr, cu_q, cu_k, config={"PROGRAMS": 32}))
 
 
 def test_mask_reading_h_gets_one_head_per_tile(specs):
