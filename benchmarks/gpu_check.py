@@ -4,8 +4,9 @@
 
 Correctness: every example at S=4096 against the interpreter with the fp64-calibrated
 tolerance, forward and backward (dq, dk, dv, learnable inputs): bf16 at D=128 with GQA, fp16 at
-D=64 with B=2 and GQA (the Gluon backward's deeper ring there). Determinism of learnable-input gradients. Timing (bf16, B=2, H=16, S=8192, D=128): attngen against
-SDPA (flash, cuDNN) and torch.compile(flex_attention) on the same inputs, do_bench medians.
+D=64 with B=2 and GQA (the Gluon backward's deeper ring there). Determinism of learnable-input
+gradients. Timing (bf16, B=2, H=16, S=8192, D=128): attngen against SDPA (flash, cuDNN) and
+torch.compile(flex_attention) on the same inputs, do_bench medians.
 """
 
 from __future__ import annotations
