@@ -232,7 +232,7 @@ def bench(fns: dict, sweep: bool) -> list[dict]:
              replay_vs_eager=err)
     rr["vs_padded_gbps"] = rr["gbps"] / rp["gbps"]
     del graph_p, graph_r
-    if sweep == "programs":  # stream-K's program count (default: one per SM, rounded to the kv heads)
+    if sweep == "programs":  # stream-K's program count (default: two per SM, rounded to the kv heads)
         # replayed from CUDA graphs: a call with `config` takes the full host path (checks and plan every call),
         # which eager timing would measure instead of the kernel
         for n in (66, 132, 198, 264, 396, 528):
