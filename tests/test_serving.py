@@ -83,10 +83,21 @@ def test_stream_k_tiles_without_keys(specs, programs):
     assert r.ok, r.why
 
 
+def _checked(fn, *args, **kw):
+    """fn(*args, **kw) as a first call: checked, planned and launched through the JIT, and not remembered."""
+    mod = sys.modules[fn.__module__]
+    plans, mod._PLANS = mod._PLANS, {}
+    try:
+        return fn(*args, **kw)
+    finally:
+        mod._PLANS = plans
+
+
 def test_checked_calls_are_remembered(specs):
     """A call whose arguments have the metadata of a checked one (shapes, strides, dtypes, devices, params)
-    skips the checks and the planning. Its results equal an unremembered call's (config={}) for new values;
-    other strides or another param value get their own plan; a call that must fail still fails."""
+    skips the checks and the planning. Its results equal an unremembered call's (_checked) for new values;
+    other strides, another param value or another config get their own plan (a config by value); a call that
+    must fail still fails."""
     _, fn = specs["sw"]
     mod = sys.modules[fn.__module__]
     g = torch.Generator(device=DEVICE).manual_seed(0)
@@ -98,16 +109,30 @@ def test_checked_calls_are_remembered(specs):
     mod._PLANS.clear()
     for _ in range(3):
         q = torch.randn(B, 1, H, D, device=DEVICE, generator=g)
-        assert torch.equal(fn(q, kc, vc, table, lens, window=8), fn(q, kc, vc, table, lens, window=8, config={}))
+        assert torch.equal(fn(q, kc, vc, table, lens, window=8), _checked(fn, q, kc, vc, table, lens, window=8))
     assert len(mod._PLANS) == 1
     kc2, vc2 = kc.contiguous(), vc.contiguous()
-    assert torch.equal(fn(q, kc2, vc2, table, lens, window=8), fn(q, kc2, vc2, table, lens, window=8, config={}))
-    assert torch.equal(fn(q, kc, vc, table, lens, window=5), fn(q, kc, vc, table, lens, window=5, config={}))
+    assert torch.equal(fn(q, kc2, vc2, table, lens, window=8), _checked(fn, q, kc2, vc2, table, lens, window=8))
+    assert torch.equal(fn(q, kc, vc, table, lens, window=5), _checked(fn, q, kc, vc, table, lens, window=5))
     assert len(mod._PLANS) == 3
     # Triton specializes pointers on 16-byte alignment: a misaligned view gets its own plan
     qm = torch.randn(q.numel() + 1, device=DEVICE, generator=g)[1:].view(q.shape)
-    assert torch.equal(fn(qm, kc, vc, table, lens, window=8), fn(qm, kc, vc, table, lens, window=8, config={}))
+    assert torch.equal(fn(qm, kc, vc, table, lens, window=8), _checked(fn, qm, kc, vc, table, lens, window=8))
     assert len(mod._PLANS) == 4
+    # a config is remembered by value: the same dict again takes its plan, the dict changed in place a new one
+    cfg = {"SPLITS": 2}
+    for _ in range(2):
+        assert torch.equal(fn(q, kc, vc, table, lens, window=8, config=cfg),
+                           _checked(fn, q, kc, vc, table, lens, window=8, config=cfg))
+    assert len(mod._PLANS) == 5
+    cfg["SPLITS"] = 3
+    assert torch.equal(fn(q, kc, vc, table, lens, window=8, config=cfg),
+                       _checked(fn, q, kc, vc, table, lens, window=8, config=cfg))
+    assert len(mod._PLANS) == 6
+    with pytest.raises(ValueError, match=r"config\['SPLITS'\]"):  # a bad config is checked every time
+        for _ in range(2):
+            fn(q, kc, vc, table, lens, window=8, config={"SPLITS": 0})
+    assert len(mod._PLANS) == 6
     with pytest.raises(ValueError, match="inference"):
         fn(q.clone().requires_grad_(), kc, vc, table, lens, window=8)
     with pytest.raises(ValueError, match="kv_lens"):
@@ -118,7 +143,7 @@ def test_checked_calls_are_remembered(specs):
     for sc in (0.1, 0.3):
         t = torch.tensor(sc)
         assert torch.equal(fn(q, kc, vc, table, lens, window=8, scale=t),
-                           fn(q, kc, vc, table, lens, window=8, scale=sc, config={}))
+                           _checked(fn, q, kc, vc, table, lens, window=8, scale=sc))
     # ragged: remembered only when the longest lengths are given (else they are read from the device)
     _, rag = specs["capped"]
     plans = sys.modules[rag.__module__]._PLANS
@@ -131,13 +156,13 @@ def test_checked_calls_are_remembered(specs):
     assert len(plans) == before
     for _ in range(2):
         got = rag(qr, kr, kr, cu_q, cu_k, max_seqlen_q=2, max_seqlen_k=40)
-    assert torch.equal(got, rag(qr, kr, kr, cu_q, cu_k, config={}))
+    assert torch.equal(got, _checked(rag, qr, kr, kr, cu_q, cu_k))
     assert len(plans) == before + 1
 
 
 def test_remembered_calls_launch_the_compiled_variant(specs, monkeypatch):
     """After a remembered plan's first launch (through the JIT), its calls launch the compiled variant
-    directly, with the same arguments: results equal a JIT-launched call's (config={}) for new values."""
+    directly, with the same arguments: results equal a JIT-launched call's (_checked) for new values."""
     _, fn = specs["sw"]
     mod = sys.modules[fn.__module__]
     jit = StandInJit(mod.sw_serve_kernel)
@@ -153,7 +178,7 @@ def test_remembered_calls_launch_the_compiled_variant(specs, monkeypatch):
         q = torch.randn(B, 2, H, D, device=DEVICE, generator=g)
         got = fn(q, kc, vc, table, lens, window=9)
         assert jit.direct == i
-        assert torch.equal(got, fn(q, kc, vc, table, lens, window=9, config={}))
+        assert torch.equal(got, _checked(fn, q, kc, vc, table, lens, window=9))
     assert not torch.equal(got, fn(q, kc, vc, table, lens, window=5))  # the params reach the kernel
     # stream-K (a one-dimensional grid) on a ragged batch, as on a GPU with 16 SMs (32 programs)
     _, rag = specs["capped"]
