@@ -238,10 +238,11 @@ def banded(tmp: Path) -> None:
 
 
 def gluon_stages(tmp: Path) -> None:
-    """The Gluon kernels' ring depth (STAGES, 2 by default) per kernel, on full and causal, at D=128 (B2 H16 S8192)
-    and D=64 (B4 H16 S4096, bench.py --shape's second shape). Built for sm_90 on the CPU, the kernels use 65-96 KB of
-    shared memory at D=64 (129-192 KB at D=128), so D=64 has room for deeper rings. Forward alone for fwd_sm90;
-    forward+backward minus the forward for dq_sm90 and dkdv_sm90 (the other kernel at its default)."""
+    """The Gluon kernels' ring depth (STAGES: 2 by default, 3 for dQ and dK/dV at D=64) per kernel, on full and
+    causal, at D=128 (B2 H16 S8192) and D=64 (B4 H16 S4096, bench.py --shape's second shape). Built for sm_90 on the
+    CPU, the kernels use 65-96 KB of shared memory at D=64 (129-192 KB at D=128), so D=64 has room for deeper rings.
+    Forward alone for fwd_sm90; forward+backward minus the forward for dq_sm90 and dkdv_sm90 (the other kernel at
+    its default)."""
     for D, (B, S) in ((128, (2, 8192)), (64, (4, 4096))):
         q, k, v = _qkv(B, 16, S, D)
         do = torch.randn_like(q)
