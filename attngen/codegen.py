@@ -253,6 +253,13 @@ def skewed(pl: Plan) -> bool:
     return pl.sparse and any(s.q_atoms or any(d != 0 for _, d in s.lo + s.hi) for s in pl.segments)
 
 
+def all_keys(pl: Plan) -> bool:
+    """Whether every query sees every key: no mask (scores aside), or dense loops. Every row block then visits all
+    cdiv(kv_len, BLOCK_N) key blocks, and the Gluon forward may cut its last round's tiles into equal shares of
+    them (_tail)."""
+    return pl.mask is None or not pl.sparse
+
+
 def key_chunks(pl: Plan, block_map: bool) -> int:
     """The dK/dV kernels' program order: key blocks heaviest first, in chunks of this many blocks across every
     (batch, head) pair (_heaviest_first, with _key_order finding the heavier end at run time; 0: the grid's own
@@ -372,8 +379,17 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     sm90 = not block_map and k.layout.kind not in SERVING  # the Gluon kernels (block maps: not yet)
     sm90_bwd = sm90 and gluon_backward(pl)  # the Gluon dK/dV and dQ kernels
     if sm90:
-        args["fwd_sm90"] = args["fwd"] + cx(["STAGES", "REGS"]) + ["BH:i32"]  # persistent: B * H tiles per row block
+        # persistent: B * H tiles per row block; a cut last round's pieces (TAIL shares of nb key blocks a tile) go
+        # to the part buffer, positional after the Triton twin's arguments, and fwd_merge merges them
+        at = next(i for i, a in enumerate(args["fwd"]) if a.startswith("BLOCK_M:"))
+        args["fwd_sm90"] = args["fwd"][:at] + ["Part:*fp32"] + args["fwd"][at:] + cx(["STAGES", "REGS"]) \
+            + ["BH:i32", "nb:i32", "TAIL:i32"] + cx(["CUT"])
         knames["fwd_sm90"] = "fwd_sm90_kernel"
+        if all_keys(pl):
+            args["fwd_merge"] = ["Part:*fp32", "Out:*q", "Mrow:*fp32", "Lrow:*fp32",
+                                 "stride_ob:i32", "stride_oh:i32", "stride_om:i32", "q_len:i32", "H:i32", "BH:i32",
+                                 "nb:i32", "P:i32", "PT:i32"] + cx(["BLOCK_M", "ROWS", "D_V", "BLOCK_DV"])
+            knames["fwd_merge"] = "fwd_merge"
     if sm90_bwd:  # host-side TMA descriptors after the Triton twin's positional arguments (before its constexprs)
         for kern, descs in (("dkdv", "QD dOD KD VD dKD dVD LseD DeltaD"), ("dq", "QD dOD dQD KD VD")):
             at = next(i for i, a in enumerate(args[kern]) if a.startswith("BLOCK_M:"))
@@ -420,7 +436,8 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         dscore_lines=dp.lines, dscore_expr=dscore_expr, dscore_src=py(pl.dlogit),
         grads_doc=[f"{g.name}[{', '.join(py(i) for i in g.index)}] = {py(g.partial)}" for g in pl.input_grads],
         fwd=fwd, bwd=bwd, notes_fwd=notes_fwd, block_map=block_map, map_vars=map_vars, fine=fine,
-        banded=band, sm90=sm90, sm90_bwd=sm90_bwd, dscore_reads_qk=dscore_reads_qk(pl), split=split,
+        banded=band, sm90=sm90, sm90_bwd=sm90_bwd, all_keys=sm90 and all_keys(pl), dscore_reads_qk=dscore_reads_qk(pl),
+        split=split,
         band_keys=band_ranges(pl, {p.name for p in user.params}) if band and sm90_bwd and not block_map else None,
         band_rows=band_ranges(pl, {p.name for p in user.params}, rows=True) if band and sm90 else None,
         split_doc=[f"{label} = {py(n)}" for label, n in (("c", pl.split.qk), ("key", pl.split.key),

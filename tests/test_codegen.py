@@ -81,6 +81,9 @@ GLUON_JOBS = {f"gluon {kern} {dtype} D={d}": dict(kernel=kern, dtype=dtype, d_qk
               for kern in ("fwd_sm90", "dkdv_sm90", "dq_sm90") for dtype, d in (("bf16", 128), ("fp16", 64))}
 
 
+CUT_JOB = "gluon fwd_sm90 bf16 D=128, last round cut"
+
+
 def _sm90_tiles(source: str) -> dict:
     """A generated module's SM90_TILES, read from its source (the builds run in another process)."""
     (line,) = [ln for ln in source.splitlines() if ln.startswith("SM90_TILES = ")]
@@ -119,6 +122,12 @@ def sm90_builds(tmp_path_factory):
                     bm, bn = _sm90_tiles(mod.read_text())[job["kernel"]]
                     jobs.append({"path": str(mod), **job, "block_m": bm, "block_n": bn})
                     keys.append((mod.stem, label))
+            if '    "fwd_merge": (' in mod.read_text():  # the Gluon forward that cuts its last round, and the merge
+                bm, bn = _sm90_tiles(mod.read_text())["fwd_sm90"]
+                for label, job in ((CUT_JOB, dict(kernel="fwd_sm90", block_n=bn, constexprs={"CUT": True})),
+                                   ("fwd_merge", dict(kernel="fwd_merge", num_warps=4, constexprs={"ROWS": 32}))):
+                    jobs.append({"path": str(mod), "dtype": "bf16", "d_qk": 128, "d_v": 128, "block_m": bm, **job})
+                    keys.append((mod.stem, label))
             if "_blockmap_kernel" in mod.read_text():  # the runtime block map's kernels, and the sympy path
                 for label, job in (("blockmap", dict(kernel="blockmap", block_m=64, block_n=64, num_warps=4)),
                                    ("blocklists", dict(kernel="blocklists", ratio=(2, 1), cols=128, num_warps=4)),
@@ -146,7 +155,7 @@ def test_builds_for_sm90(sm90_builds, name):
     for (_, i), r in results.items():
         numbered = isinstance(i, int) and i < len(SM90_JOBS)
         # no matrix product in the block map's kernels
-        no_dot = i in ("blockmap", "blocklists")
+        no_dot = i in ("blockmap", "blocklists", "fwd_merge")
         assert r["wgmma"] or no_dot, f"{name} job {i}: no wgmma in the PTX"
         # a costly score may overflow a backward pipeline: the host then runs it a stage shallower
         kern = SM90_JOBS[i]["kernel"] if numbered else None
@@ -157,7 +166,7 @@ def test_builds_for_sm90(sm90_builds, name):
             assert r["cp_async"] or r["tma"], f"{name} job {i}: loads not pipelined"
         if numbered and SM90_JOBS[i].get("maxnreg"):  # the banded forward's descriptors
             assert r["tma"], f"{name} job {i}: no TMA copies"
-        gluon = i in GLUON_JOBS
+        gluon = i in GLUON_JOBS or i == CUT_JOB
         if gluon:  # warp-specialized: TMA loads, and setmaxnreg moving registers to the consumers
             assert r["tma"] and r["setmaxnreg"], f"{name} {i}: not the warp-specialized TMA kernel"
         if gluon and "dkdv" in i and not READS_TENSORS[name]:  # every input by TMA, LSE and delta too: no step

@@ -215,8 +215,12 @@ def _fake_gluon(mod, name: str, kernel: str, launched: list):
 
     class Launcher:
         def __getitem__(self, grid):
-            def launch(*args, STAGES, REGS, BH=None, **kw):  # noqa: N803 - the kernel's constexpr names
+            def launch(*args, STAGES, REGS, BH=None, nb=None, TAIL=0, CUT=False, **kw):  # noqa: N803 - the kernel's names
                 launched.append((grid, kw["BLOCK_M"], kw["BLOCK_N"]))
+                if BH is not None:  # the forward's part buffer, after its twin's arguments
+                    part, args = args[-1], args[:-1]
+                    if TAIL:
+                        _fake_pieces(mod, args, part, grid[0], nb, TAIL, kw["BLOCK_M"], kw["BLOCK_N"])
                 # the Gluon backward's host-side TMA descriptors: checked against the tensors, then dropped
                 descs = [a for a in args if type(a).__name__ == "TensorDescriptor"]
                 _check_descs(kernel, descs, args, kw)
@@ -231,6 +235,63 @@ def _fake_gluon(mod, name: str, kernel: str, launched: list):
                 return getattr(mod, f"{name}_{twin}")[twin_grid](*args, **kw)
             return launch
     return Launcher()
+
+
+def _items(mod, n: int, P: int, nb: int, PT: int) -> list[list[tuple]]:
+    """Each of P programs' items (tile, t0, t1, slot), as the Gluon forward's partitions walk them (_fwd90_items,
+    _fwd90_item), from a Triton kernel that calls the module's own helpers."""
+    walk = _walker(mod, "pieces", _PIECES)
+    most = n // P + 3
+    out = torch.full((P, most, 4), -9, dtype=torch.int32)
+    walk[(P,)](out, n, P, nb, PT, most, PT > 0)
+    return [[tuple(r) for r in prog.tolist() if r[0] != -9] for prog in out]
+
+
+def _walker(mod, name: str, source: str):
+    """A test kernel that imports the generated module's helpers (`source`, formatted with the module's name)."""
+    import importlib.util
+    import tempfile
+
+    d = Path(tempfile.mkdtemp())
+    (d / f"{name}_{mod.__name__}.py").write_text(source.format(module=mod.__name__))
+    sys.path[:0] = [str(d), str(Path(mod.__file__).parent)]
+    try:
+        spec = importlib.util.spec_from_file_location(f"{name}_{mod.__name__}", d / f"{name}_{mod.__name__}.py")
+        m = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(m)
+    finally:
+        del sys.path[:2]
+    return getattr(m, name)
+
+
+def _fake_pieces(mod, args: tuple, part: torch.Tensor, P: int, nb: int, PT: int, bm: int, bn: int) -> None:
+    """What the Gluon forward leaves for its merge when it cuts the last round: each piece's unnormalised rows
+    (acc, m, l, exp2 domain) in its slot, computed here in float64 from the keys it names; and the cut tiles'
+    output rows and row statistics poisoned (NaN), which only the merge may then overwrite."""
+    names = [a.split(":")[0] for a in mod.KERNELS["fwd_sm90"][1]]
+    a = dict(zip(names, args))
+    q, k, v, out, mrow, lrow = (a[n] for n in ("Q", "K", "V", "Out", "Mrow", "Lrow"))
+    B, H, Sq, _ = q.shape
+    n_m = -(-Sq // bm)
+    n = 2 * PT * bm  # the part buffer: outputs [2 PT, bm, D_V], then m and l [2 PT, bm]
+    opart, mpart, lpart = part[:n * v.shape[3]].view(2 * PT, bm, -1), *part[n * v.shape[3]:].view(2, 2 * PT, bm)
+    for items in _items(mod, n_m * B * H, P, nb, PT):
+        for tile, t0, t1, slot in items:
+            i_m, i_bh = n_m - 1 - tile % n_m, tile // n_m
+            b, h = divmod(i_bh, H)
+            rows = slice(i_m * bm, min(i_m * bm + bm, Sq))
+            if slot < 0:
+                continue
+            keys = slice(t0 * bn, min(t1 * bn, k.shape[2]))
+            hk = h // (H // k.shape[1])
+            s = (q[b, h, rows].double() @ k[b, hk, keys].double().T) * a["sm_scale"] * 1.4426950408889634
+            m = s.max(1).values
+            p_ = torch.exp2(s - m[:, None])
+            r = rows.stop - rows.start
+            opart[slot, :r] = (p_ @ v[b, hk, keys].double()).float()
+            mpart[slot, :r], lpart[slot, :r] = m.float(), p_.sum(1).float()
+            out[b, h, rows] = float("nan")
+            mrow[b, h, rows] = lrow[b, h, rows] = float("nan")
 
 
 def _check_descs(kernel: str, descs: list, args: tuple, kw: dict) -> None:
@@ -347,6 +408,114 @@ def test_persistent_programs_take_every_tile_once_and_balance(examples, tmp_path
     chunks = (torch.arange(64) % 16 + 1).repeat(32)  # chunks of 2048 at S 8192: 64 row blocks x 32 heads
     load = loads(len(chunks), 132, chunks)
     assert load.max() <= 1.035 * load.mean()
+
+
+_PIECES = """
+import triton
+import triton.language as tl
+from {module} import _fwd90_item, _fwd90_items
+
+
+@triton.jit
+def pieces(Out, n, P, nb, PT, MOST, CUT: tl.constexpr):
+    pid = tl.program_id(0)
+    for k in range(0, _fwd90_items(n, pid, P, nb, PT, CUT)):
+        tile, t0, t1, slot = _fwd90_item(k, pid, P, n, nb, PT, CUT)
+        at = Out + (pid * MOST + k) * 4
+        tl.store(at, tile)
+        tl.store(at + 1, t0)
+        tl.store(at + 2, t1)
+        tl.store(at + 3, slot)
+"""
+
+
+@pytest.mark.parametrize("n, P, nb, PT", [(2048, 132, 64, 132), (18, 5, 16, 5), (64, 132, 16, 128), (34, 8, 13, 3),
+                                          (13, 4, 24, 3), (8, 17, 11, 11)])
+def test_a_cut_last_round_takes_every_key_block_once_in_equal_shares(examples, n, P, nb, PT):
+    """The Gluon forward's items (_fwd90_item) where the host cuts the last round into PT > n % P shares (_tail, and
+    fewer tiles than programs, which the host leaves whole): the whole rounds take tiles 0..n // P * P - 1 whole, in
+    snake order; the last round's tiles are cut into PT shares of their key blocks that differ by at most one block,
+    each meeting at most two tiles, with distinct slots (2 pid, 2 pid + 1), and every key block of every tile is
+    taken exactly once."""
+    mod = sys.modules[examples["full"][1].__module__]
+    if not mod._GLUON:
+        pytest.skip("this Triton has no Gluon")
+    items = _items(mod, n, P, nb, PT)
+    seen = torch.zeros(n, nb, dtype=torch.int32)
+    slots, share = set(), []
+    for pid, its in enumerate(items):
+        whole = [it for it in its if it[3] < 0]
+        assert len(whole) == n // P and all(t0 == 0 and t1 == -1 for _, t0, t1, _ in whole)
+        cut = its[len(whole):]
+        assert len(cut) <= 2 and all(slot == 2 * pid + j for j, (*_, slot) in enumerate(cut))
+        assert not cut or pid < PT
+        share.append(sum(t1 - t0 for _, t0, t1, _ in cut))
+        for tile, t0, t1, slot in its:
+            seen[tile, t0:nb if t1 < 0 else t1] += 1
+            if slot >= 0:
+                assert tile >= n // P * P and 0 <= t0 < t1 <= nb and slot not in slots
+                slots.add(slot)
+    assert seen.eq(1).all()
+    assert max(share[:PT]) - min(share[:PT]) <= 1
+
+
+def test_the_host_cuts_the_last_round_where_it_pays(examples):
+    """_tail: programs share the last round where its tiles would leave a quarter of them idle or more, in shares
+    of at least 8 key blocks, after at least one whole round; never for an even round; the benchmark's full mask
+    (2048 tiles of 64 key blocks over 132 SMs) on every SM."""
+    mod = sys.modules[examples["full"][1].__module__]
+    assert mod._tail(2048, 132, 64) == 132
+    assert mod._tail(320, 132, 32) == 132
+    assert mod._tail(2048, 128, 64) == 0  # 16 whole rounds
+    assert mod._tail(262, 132, 64) == 0  # 130 of 132 busy: nothing to win
+    assert mod._tail(200, 132, 2) == 0  # shares of one block
+    assert mod._tail(64, 132, 16) == 0  # fewer tiles than SMs: a host-bound kernel
+    assert not hasattr(sys.modules[examples["causal"][1].__module__], "_tail")  # rows differ: snake rounds
+
+
+def test_the_gluon_forward_cuts_its_last_round_and_merges_it(examples, monkeypatch):
+    """A full-mask forward whose last round is cut (4 SMs, 6 tiles of 13 key blocks: a whole round, then 2 tiles in
+    3 shares of 8 or 9 blocks, the middle one across both tiles): the Gluon stand-in leaves each piece's rows in its
+    slot and NaN in the cut tiles, the host merges them (fwd_merge), and the output, LSE and gradients match the Triton
+    forward's; SPLIT_TAIL=False runs whole tiles."""
+    fn = examples["full"][1]
+    mod = sys.modules[fn.__module__]
+    if not mod._GLUON:
+        pytest.skip("this Triton has no Gluon")
+    launched: list = []
+    monkeypatch.setattr(mod, "full_fwd_sm90_kernel", _fake_gluon(mod, "full", "fwd", launched))
+    monkeypatch.setattr(mod, "_sm90", _on_hopper(mod, "fwd", at=4))
+    monkeypatch.setattr(mod, "_sms", lambda device: 4)
+    mod._PLANS.clear()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 300, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(1, 2, 13 * 128, 16, generator=g, requires_grad=True) for _ in range(2))
+    do = torch.randn(1, 2, 300, 16, generator=g)
+
+    def run(config):
+        out, lse = fn(q, k, v, return_lse=True, config=config)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+        return out, lse, *grads
+    ref = run({"GLUON": False})
+    merged = []
+    monkeypatch.setattr(mod, "full_fwd_merge", _counting(mod.full_fwd_merge, merged))
+    for config, cut in ((None, True), ({"fwd": {"SPLIT_TAIL": False}}, False)):
+        got = run(config)
+        assert launched.pop()[0] == (4,) and bool(merged) == cut, config
+        merged.clear()
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="SPLIT_TAIL"):
+        examples["causal"][1](q, k, v, config={"fwd": {"SPLIT_TAIL": False}})  # causal never cuts
+
+
+def _counting(kernel, log: list):
+    """kernel, with its launches noted in `log`."""
+    class Launcher:
+        def __getitem__(self, grid):
+            log.append(grid)
+            return kernel[grid]
+    return Launcher()
 
 
 def test_the_gluon_forward_is_persistent(examples, monkeypatch):
