@@ -1,11 +1,12 @@
-"""The Gluon Hopper kernels' host side (forward, dK/dV): when they run, what config says, what they are passed,
-and how tune treats them. The kernels themselves need an H100 (benchmarks/gpu_check.py checks them there
-against the interpreter); their sm_90 builds are checked in test_codegen."""
+"""The Gluon Hopper kernels' host side (forward and its cut last round, dK/dV, dQ): when they run, what config
+says, what they are passed, and how tune treats them. The kernels themselves need an H100 (benchmarks/gpu_check.py
+checks them there against the interpreter); their sm_90 builds are checked in test_codegen."""
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -249,9 +250,6 @@ def _items(mod, n: int, P: int, nb: int, PT: int) -> list[list[tuple]]:
 
 def _walker(mod, name: str, source: str):
     """A test kernel that imports the generated module's helpers (`source`, formatted with the module's name)."""
-    import importlib.util
-    import tempfile
-
     d = Path(tempfile.mkdtemp())
     (d / f"{name}_{mod.__name__}.py").write_text(source.format(module=mod.__name__))
     sys.path[:0] = [str(d), str(Path(mod.__file__).parent)]
@@ -381,7 +379,7 @@ def walk(Seen, Load, Weight, n, P):
 """
 
 
-def test_persistent_programs_take_every_tile_once_and_balance(examples, tmp_path, monkeypatch):
+def test_persistent_programs_take_every_tile_once_and_balance(examples):
     """The persistent forward's programs (_rounds, _snake) take every tile exactly once, for tile counts that P
     divides and that it does not; and on tiles in heaviest-first order their loads differ by at most one round's
     spread, where pid + r P loaded the first programs with the heaviest tile of every round. Also the aliasing of
@@ -390,10 +388,7 @@ def test_persistent_programs_take_every_tile_once_and_balance(examples, tmp_path
     mod = _mod(examples, "causal")
     if not mod._GLUON:
         pytest.skip("this Triton has no Gluon")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    (tmp_path / "walk_tiles.py").write_text(_WALK.format(module=mod.__name__))
-    monkeypatch.syspath_prepend(str(Path(mod.__file__).parent))
-    walk = importlib.import_module("walk_tiles").walk
+    walk = _walker(mod, "walk", _WALK)
 
     def loads(n: int, P: int, weight: torch.Tensor) -> torch.Tensor:
         seen, load = torch.zeros(n, dtype=torch.int32), torch.zeros(P, dtype=torch.int32)
