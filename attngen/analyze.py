@@ -373,7 +373,8 @@ class Plan:
     logit_scale: Node | None = None   # c where the logit is c * qk and c depends on sm_scale alone
     split: Split | None = None        # the logit as a qk term, a key term and a query term
     runs: tuple[Run, ...] = ()        # conjuncts T[.., q_idx] == T[.., kv_idx] (see the module docstring)
-    rest: tuple[Segment, ...] = ()    # forward segments of the mask without its runs
+    rest: tuple[Segment, ...] = ()    # forward segments of the mask without its runs and cells
+    cells: tuple[Cells, ...] = ()     # conjuncts T[.., q_idx // rows, kv_idx // cols]: block layouts
 
 
 @dataclass(frozen=True)
@@ -382,6 +383,16 @@ class Run:
 
     q: Node
     kv: Node
+
+
+@dataclass(frozen=True)
+class Cells:
+    """A conjunct T[prefix.., q_idx // rows, kv_idx // cols], read as bool or compared `!= 0` (a `sparse`
+    clause): a block layout. `load` is the read."""
+
+    load: Node
+    rows: int
+    cols: int
 
 
 @dataclass(frozen=True)
@@ -542,20 +553,44 @@ def _run(atom: Node) -> Run | None:
     return Run(last["q_idx"], last["kv_idx"]) if set(last) == {"q_idx", "kv_idx"} else None
 
 
-def _runs(mask: Node | None, syms: Symbols) -> tuple[tuple[Run, ...], tuple[Segment, ...]]:
-    """The mask's top-level runs and the forward segments of what is left ((), () if none)."""
+def _cells(atom: Node) -> Cells | None:
+    """The Cells of `T[p.., q_idx // R, kv_idx // C]` (a bool read, or one `!= 0`) with constant R, C > 0 and
+    prefix indices that read neither position, else None."""
+    zero = [s for s in atom.srcs if s.op is Op.CONST and s.arg == 0]
+    if atom.op is Op.NE and len(zero) == 1:
+        atom = next(s for s in atom.srcs if s is not zero[0])
+    elif atom.type is not T.BOOL:
+        return None
+    if atom.op is not Op.LOAD or len(atom.srcs) < 2:
+        return None
+    *pre, r, c = atom.srcs
+    if any(i.vars() & {"q_idx", "kv_idx"} for i in pre):
+        return None
+    size = []
+    for idx, var in ((r, "q_idx"), (c, "kv_idx")):
+        a, d = idx.srcs if idx.op is Op.FLOORDIV else (None, None)
+        if a is None or a.op is not Op.VAR or a.arg != var or d.op is not Op.CONST or not isinstance(d.arg, int) \
+                or isinstance(d.arg, bool) or d.arg < 1:
+            return None
+        size.append(d.arg)
+    return Cells(atom, *size)
+
+
+def _runs(mask: Node | None, syms: Symbols) -> tuple[tuple[Run, ...], tuple[Cells, ...], tuple[Segment, ...]]:
+    """The mask's top-level runs and cells and the forward segments of what is left ((), (), () if none)."""
     if mask is None:
-        return (), ()
-    found = [(c, _run(c)) for c in conjuncts(mask)]
-    runs = [r for _, r in found if r is not None]
-    rest = [c for c, r in found if r is None]
-    if not runs:
-        return (), ()
+        return (), (), ()
+    found = [(c, _run(c), _cells(c)) for c in conjuncts(mask)]
+    runs = [r for _, r, _ in found if r is not None]
+    cells = [x for _, r, x in found if r is None and x is not None]
+    rest = [c for c, r, x in found if r is None and x is None]
+    if not runs and not cells:
+        return (), (), ()
     left = sp.true
     for c in rest:
         left = sp.And(left, sympify(c, syms))
-    found = _segments(left, syms)
-    return (tuple(runs), found[0]) if found is not None else ((), ())
+    segs = _segments(left, syms)
+    return (tuple(runs), tuple(cells), segs[0]) if segs is not None else ((), (), ())
 
 
 def plan(k: Kernel, sparse: bool = True) -> Plan:
@@ -582,8 +617,9 @@ def plan(k: Kernel, sparse: bool = True) -> Plan:
     if found is None or found_t is None:
         return Plan(mask, logit, (everything,), (everything,), False, dlogit, grads,
                     ("mask too complex for block ranges",), scale, split)
-    runs, rest = _runs(k.mask, syms)
-    return Plan(mask, logit, found[0], found_t[0], True, dlogit, grads, tuple(found[1]), scale, split, runs, rest)
+    runs, cells, rest = _runs(k.mask, syms)
+    return Plan(mask, logit, found[0], found_t[0], True, dlogit, grads, tuple(found[1]), scale, split, runs, rest,
+                cells)
 
 
 def _split(logit, c, syms: Symbols, k: Kernel) -> Split | None:

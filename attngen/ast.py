@@ -81,6 +81,17 @@ class Input(Clause):
 
 
 @dataclass(frozen=True)
+class Sparse(Clause):
+    """`sparse NAME: DTYPE[lead..] block rows [, cols]`: an input of cells, one per rows x cols block of the
+    (query, key) grid, indexed by the lead dims (b, h) and the block; a zero cell hides its block."""
+    name: str
+    dtype: str
+    lead: tuple[Expr, ...]
+    rows: Expr
+    cols: Expr | None
+
+
+@dataclass(frozen=True)
 class Let(Clause):
     name: str
     expr: Expr

@@ -161,6 +161,18 @@ def _run_code(k: Kernel, pl: Plan, helpers: set[str]) -> list[dict]:
     return out
 
 
+def _cell_code(k: Kernel, pl: Plan, helpers: set[str]) -> list[dict]:
+    """For each block layout (Cells) of the plan, the map kernel's read of the cell at the tile's first row and
+    column (q0, n0)."""
+    out = []
+    for i, cell in enumerate(pl.cells):
+        pr = TritonPrinter(k, {**_KERNEL_VARS, "q_idx": "q0", "kv_idx": "n0"}, prefix=f"c{i}_")
+        out.append({"value": pr(cell.load), "lines": pr.lines, "rows": cell.rows, "cols": cell.cols,
+                    "src": py(cell.load)})
+        helpers |= pr.helpers
+    return out
+
+
 def _describe(seg: Segment, side: Side = FWD) -> str:
     lo = ", ".join(py(n) for n, _ in seg.lo) or "0"
     hi = ", ".join(py(n) for n, _ in seg.hi) or f"{side.n_col} - 1"
@@ -336,10 +348,11 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
     map_vars = sorted(pl.mask.vars() & {"b", "h"}) if block_map else []
     band = block_map or banded(pl)  # narrow key ranges: small tiles, plain program order
     runs = _run_code(k, pl, helpers) if block_map else []
-    # the map kernel visits fine tiles with the forward's orientation and names; with runs, over the ranges of
-    # the mask without them (the ids' spans decide those)
-    fine_segs = pl.rest if runs else pl.segments
-    fine = _visit(k, fine_segs, helpers, FWD) if runs else fwd
+    cells = _cell_code(k, pl, helpers) if block_map else []
+    # the map kernel visits fine tiles with the forward's orientation and names; with runs or cells, over the
+    # ranges of the mask without them (the ids' spans and the cells decide those)
+    fine_segs = pl.rest if runs or cells else pl.segments
+    fine = _visit(k, fine_segs, helpers, FWD) if runs or cells else fwd
     if block_map:
         fwd, bwd = _with_map(fwd, "i_m"), _with_map(bwd, "i_n")
     grad_lines, grad_extra_args = _input_grad_code(k, pl, helpers)
@@ -443,7 +456,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         split_doc=[f"{label} = {py(n)}" for label, n in (("c", pl.split.qk), ("key", pl.split.key),
                                                           ("shift", pl.split.shift))] if split else [],
         longest_first=not band and skewed(pl), key_chunks=key_chunks(pl, block_map),
-        map_code=_map_kernel_code(len(fine_segs)) if block_map else {}, runs=runs,
+        map_code=_map_kernel_code(len(fine_segs)) if block_map else {}, runs=runs, cells=cells,
         notes_bwd=notes_bwd,
         input_grads=list(pl.input_grads), input_grad_lines=grad_lines,
         grad_owner=repr([g.name for g in pl.input_grads]), learnable=repr(learnable), learnable_names=list(learnable),

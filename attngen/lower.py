@@ -249,6 +249,41 @@ def _value_for(t: T, v: int | float | bool, span: Span, name: str) -> int | floa
     return float(v)
 
 
+def _sparse(c: ast.Sparse, low: _Lowerer) -> tuple[Input, ast.Expr]:
+    """A sparse layout's input (its lead dims, then one cell per block of rows and of keys) and its cell read,
+    `NAME[lead.., q_idx // rows, kv_idx // cols]` (`!= 0` for integer cells), written as spec text would be."""
+    if c.dtype != "bool" and not c.dtype.startswith(("int", "uint")):
+        raise AttnError(f"a sparse layout holds bool or integer cells, not {c.dtype!r}", c.span,
+                        "e.g. sparse layout: bool[h] block 64")
+    lead = [d.id if isinstance(d, ast.Name) else None for d in c.lead]
+    if lead not in ([], ["b"], ["h"], ["b", "h"]):
+        bad = next((d for d, n in zip(c.lead, lead) if n not in ("b", "h")), c.lead[-1] if c.lead else c)
+        raise AttnError("a sparse layout's leading dims are b and/or h, in that order", bad.span,
+                        "e.g. sparse layout: bool[b, h] block 64, or bool[] for one layout for all")
+    sizes = []
+    for e in (c.rows, c.cols or c.rows):
+        n = low.expr(e)
+        if n.op is not Op.CONST or n.type is not T.INT or n.arg < 1:
+            raise AttnError("a sparse layout's block size must be a positive int constant", e.span,
+                            "e.g. block 64, or block 128, 64 for rows x keys")
+        sizes.append(ast.Num(e.span, n.arg))
+    sp = c.span
+
+    def cdiv(n: str, size: ast.Num) -> ast.Expr:
+        return ast.Binary(sp, "//", ast.Binary(sp, "+", ast.Name(sp, n), ast.Num(sp, size.value - 1)), size)
+    low.s.shape_ctx = True
+    try:
+        shape = tuple(low.expr(d) for d in (*c.lead, cdiv("q_len", sizes[0]), cdiv("kv_len", sizes[1])))
+    finally:
+        low.s.shape_ctx = False
+    read: ast.Expr = ast.Index(sp, c.name, (*(ast.Name(sp, n) for n in lead),
+                                            ast.Binary(sp, "//", ast.Name(sp, "q_idx"), sizes[0]),
+                                            ast.Binary(sp, "//", ast.Name(sp, "kv_idx"), sizes[1])))
+    if c.dtype != "bool":
+        read = ast.Binary(sp, "!=", read, ast.Num(sp, 0))
+    return Input(c.name, c.dtype, shape, c.span, False), read
+
+
 def lower_spec(mod: ast.Module, spec: ast.Spec) -> Kernel:
     check_ident(spec.name, spec.span, "attention")
     consts: dict[str, tuple] = {}
@@ -256,6 +291,7 @@ def lower_spec(mod: ast.Module, spec: ast.Spec) -> Kernel:
     inputs: dict[str, Input] = {}
     lets: dict[str, ast.Let] = {d.name: d for d in mod.defs}
     bodies: dict[str, ast.Body] = {}
+    cells: list[ast.Expr] = []  # the sparse layouts' reads, joined to the mask
     heads: dict[str, int] = {}
     layout = "bhsd"
     seen: dict[str, Span] = {d.name: d.span for d in mod.defs}
@@ -308,6 +344,10 @@ def lower_spec(mod: ast.Module, spec: ast.Spec) -> Kernel:
             if c.learnable and "float" not in c.dtype:
                 raise AttnError(f"learnable input {c.name!r} must be a float tensor, not {c.dtype}", c.span)
             inputs[c.name] = Input(c.name, c.dtype, shape, c.span, c.learnable)
+        elif isinstance(c, ast.Sparse):
+            declare(c.name, c.span, "sparse layout")
+            inputs[c.name], cell = _sparse(c, low)
+            cells.append(cell)
         elif isinstance(c, ast.Let):
             declare(c.name, c.span, "mask" if c.is_mask else "let")
             lets[c.name] = c
@@ -327,6 +367,9 @@ def lower_spec(mod: ast.Module, spec: ast.Spec) -> Kernel:
         if mask.type is not T.BOOL:
             raise AttnError(f"mask must be a predicate, got {mask.type.value}", bodies["mask"].expr.span,
                             "e.g. mask q_idx >= kv_idx")
+    for cell in cells:  # each sparse layout's cell is one more conjunct
+        cell = low.expr(cell)
+        mask = cell if mask is None else Node(Op.AND, T.BOOL, (mask, cell), None, cell.span)
     learn = {i.name for i in inputs.values() if i.learnable}
     if mask is not None and learn & {n.arg for n in mask.walk() if n.op is Op.LOAD}:
         bad = next(n for n in mask.walk() if n.op is Op.LOAD and n.arg in learn)

@@ -164,6 +164,11 @@ class _ToAst(Transformer):
         return ast.Input(self._s(meta), str(c[0]), str(c[1]), tuple(c[2:-1]), learnable)
 
     @v_args(meta=True)
+    def sparse(self, meta, c):
+        return ast.Sparse(self._s(meta), str(c[0]), str(c[1]), tuple(x for x in c[2:-2] if x is not None), c[-2],
+                          c[-1])
+
+    @v_args(meta=True)
     def let(self, meta, c):
         return ast.Let(self._s(meta), str(c[0]), c[1])
 

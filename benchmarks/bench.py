@@ -195,6 +195,7 @@ class AttnRow:
     target: tuple[str, float] = ("flex", 1.2)  # attngen must be >= x times faster than this peer
     anchor: tuple[float, float] | None = None  # PERF_ANCHORS.md: Flex fwd, bwd TF/s on the H100
     per_batch: bool = False  # the mask depends on b (BlockMask with B rows)
+    per_head: bool = False  # the mask depends on h (BlockMask with H rows)
     kind: str = "attention"
 
 
@@ -202,6 +203,18 @@ def _doc_ids(c: Ctx) -> dict:
     g = torch.Generator(device=c.env.device).manual_seed(1)
     ids = torch.randint(0, 16, (c.B, c.S), device=c.env.device, generator=g)
     return {"doc_id": torch.sort(ids, dim=-1).values.to(torch.int32)}  # 16 random documents per sequence
+
+
+def _big_bird(c: Ctx) -> dict:
+    """A BigBird layout of 64 x 64 blocks per head: each query block sees its neighbours, the first two key blocks
+    and three random ones; the first two query blocks see everything (global)."""
+    n = -(-c.S // 64)
+    g = torch.Generator(device=c.env.device).manual_seed(2)
+    i = torch.arange(n, device=c.env.device)
+    lay = ((i[:, None] - i[None, :]).abs() <= 1) | (i[None, :] < 2) | (i[:, None] < 2)
+    lay = lay.expand(c.H, n, n).clone()
+    lay.scatter_(2, torch.randint(0, n, (c.H, n, 3), device=c.env.device, generator=g), True)
+    return {"layout": lay}
 
 
 def _alibi_slopes(c: Ctx) -> dict:
@@ -232,6 +245,9 @@ ROWS: list[AttnRow] = [
     AttnRow("document", "document mask, 16 random docs, causal", "examples/document.attn",
             lambda c: lambda b, h, q, kv: (c.inputs["doc_id"][b, q] == c.inputs["doc_id"][b, kv]) & (q >= kv),
             inputs=_doc_ids, per_batch=True, target=("flex", 1.5), anchor=(185, 186)),
+    AttnRow("block_sparse", "BigBird layout of 64 x 64 blocks, causal", "examples/block_sparse.attn",
+            lambda c: lambda b, h, q, kv: c.inputs["layout"][h, q // 64, kv // 64] & (q >= kv),
+            inputs=_big_bird, per_head=True),
     AttnRow("prefix_lm", "prefix-LM 2048", "examples/prefix_lm.attn",
             lambda c: lambda b, h, q, kv: (kv < c.params["prefix"]) | (q >= kv),
             params=lambda S: {"prefix": S // 4}, anchor=(398, 386)),
@@ -379,9 +395,9 @@ def bench_attention(row: AttnRow, env: Env) -> dict:
     gqa = Hq != Hkv
 
     # mask setup: create_block_mask eager (the BlockMask used below) and compiled; attngen's block map
-    bm_b = B if row.per_batch else None
-    block_mask = create_block_mask(mask_mod, bm_b, None, S, S, device=dev)
-    r["setup_cbm_eager_ms"] = env.time_ms(lambda: create_block_mask(mask_mod, bm_b, None, S, S, device=dev))
+    bm_b, bm_h = B if row.per_batch else None, Hq if row.per_head else None
+    block_mask = create_block_mask(mask_mod, bm_b, bm_h, S, S, device=dev)
+    r["setup_cbm_eager_ms"] = env.time_ms(lambda: create_block_mask(mask_mod, bm_b, bm_h, S, S, device=dev))
     r["setup_cbm_compiled_ms"] = None
     if env.compile:
         cbm = torch.compile(create_block_mask)

@@ -225,3 +225,27 @@ def test_runs_are_found(mask, runs, tmp_path):
     if runs:  # what is left keeps its ranges: the causal bound where the mask has one
         assert bool(pl.rest) and not any(s.residual for s in pl.rest)
         assert any(s.hi for s in pl.rest) == ("q_idx >= kv_idx" in mask)
+
+
+@pytest.mark.parametrize("body, cells", [
+    ("sparse lay: bool[h] block 64\n mask q_idx >= kv_idx", [(64, 64)]),
+    ("sparse lay: int8[b, h] block 128, 32", [(128, 32)]),
+    ("input lay: int32[4, 4]\n mask lay[q_idx // 64, kv_idx // 16] != 0", [(64, 16)]),
+    ("input lay: bool[4, 4]\n mask lay[q_idx // 64, kv_idx // 64] and lay[q_idx // 8, kv_idx // 8]",
+     [(64, 64), (8, 8)]),
+    ("input lay: int32[4, 4]\n mask lay[q_idx // 64, kv_idx // 16] == 0", []),    # zero cells show
+    ("input lay: bool[4, 4]\n mask lay[kv_idx // 64, q_idx // 64]", []),          # transposed
+    ("input lay: bool[4, 4]\n mask lay[q_idx // 64, kv_idx]", []),                # not a cell of keys
+    ("input lay: bool[4, 4, 4]\n mask lay[q_idx, q_idx // 4, kv_idx // 4]", []),  # the prefix reads a position
+    ("input lay: bool[4, 4]\n mask lay[q_idx // 64, kv_idx // 64] or q_idx >= kv_idx", []),  # not a conjunct
+])
+def test_cells_are_found(body, cells, tmp_path):
+    """Block layouts (analyze.Cells): the conjuncts T[.., q_idx // R, kv_idx // C] a map decides per cell; what is
+    left keeps its ranges."""
+    path = tmp_path / "t.attn"
+    path.write_text(f"attention t {{ {body} }}")
+    pl = plan(load_kernels(str(path))["t"])
+    assert [(c.rows, c.cols) for c in pl.cells] == cells
+    if cells:
+        assert bool(pl.rest) and not any(s.residual for s in pl.rest)
+        assert any(s.hi for s in pl.rest) == ("q_idx >= kv_idx" in body)

@@ -13,6 +13,7 @@ from attngen.interpreter import dense_mask
 from attngen.verify import Shape, check, make_inputs
 
 MAPPED = ("document", "tree")
+LAYOUTS = ("block_sparse",)  # sparse clauses: block maps too (test_cells_decide_tiles_exactly)
 
 
 def _inputs(kernel, shape: Shape, seed: int):
@@ -192,8 +193,8 @@ def test_map_reads_h_when_the_mask_does(build_dir):
 def test_only_tensor_masks_get_a_map(path):
     """Index arithmetic (even `%`, which leaves blocks partial) builds nothing at run time."""
     for name, code in compile_source(path.read_text(), str(path)).items():
-        assert ("_blockmap_kernel" in code) == (name in MAPPED), name
-        assert ("BLOCK_MAP" in code) == (name in MAPPED), name
+        assert ("_blockmap_kernel" in code) == (name in MAPPED + LAYOUTS), name
+        assert ("BLOCK_MAP" in code) == (name in MAPPED + LAYOUTS), name
         assert f"{name}.block_map = _block_map" in code
 
 
@@ -238,3 +239,43 @@ def test_runs_decide_tiles_exactly(build_dir, kind, shape):
             assert (want == 2).any() and (want == 1).any() and (want == 0).any(), "every kind of tile occurs"
     r = check(kernel, fn, shape, torch.float32, DEVICE, seed=12, inputs=inputs, config=dict(BLOCK_M=16, BLOCK_N=16))
     assert r.ok, r.why
+
+
+CELLS_SPEC = """
+attention cells_only { sparse layout: bool[h] block 32 }
+attention cells_causal {
+    const rows: int = 48
+    sparse layout: int8[b, h] block rows, 16
+    mask q_idx >= kv_idx
+}
+attention cells_fine {
+    input doc_id: int32[b, kv_len]
+    sparse layout: uint8[] block 8, 24
+    mask doc_id[b, q_idx] == doc_id[b, kv_idx]
+}
+"""
+
+
+@pytest.mark.parametrize("shape", [Shape(2, 2, 1, 77, 77, 16, 16), Shape(1, 2, 2, 40, 97, 16, 16),
+                                   Shape(1, 3, 3, 97, 40, 16, 16)], ids=str)
+def test_cells_decide_tiles_exactly(build_dir, shape):
+    """Sparse layouts (analyze.Cells): a fine tile inside one cell is decided by that cell (zero: empty; else the
+    rest of the mask's ranges), a tile across cells by the mask. The map must equal the brute force for cells
+    larger than the 16 x 16 tile (48 x 16, 32 x 32), smaller (8 x 24, beside a document run), lengths that no cell
+    divides, q_len != kv_len and nonzero integer cells other than 1; then the kernels against the interpreter."""
+    for name, (kernel, fn) in compile_spec(CELLS_SPEC, build_dir, tag="cells").items():
+        q, k, v, inputs = make_inputs(kernel, shape, torch.float32, DEVICE, seed=13)
+        g = torch.Generator().manual_seed(shape.Sq)
+        lay = inputs["layout"]
+        inputs["layout"] = ((torch.rand(lay.shape, generator=g) < 0.5) * (1 if lay.dtype == torch.bool else 3)
+                            ).to(lay.dtype).to(DEVICE)
+        if "doc_id" in inputs:
+            inputs["doc_id"] = _ids("sorted", shape.B, shape.Sk, seed=5)
+        bmap, state = _map(fn, q, k, v, inputs, dict(BLOCK_M=16, BLOCK_N=16))
+        want = _states(kernel, shape, inputs, *bmap.fine)
+        assert torch.equal(state.int(), want), name
+        if name == "cells_only":  # 32 x 32 cells: tiles inside both lengths are empty or full
+            assert set(want[..., :shape.Sq // 16, :shape.Sk // 16].unique().tolist()) == {0, 2}, name
+        r = check(kernel, fn, shape, torch.float32, DEVICE, seed=14, inputs=inputs,
+                  config=dict(BLOCK_M=16, BLOCK_N=16))
+        assert r.ok, f"{name}: {r.why}"

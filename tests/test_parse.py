@@ -59,6 +59,14 @@ BAD = [
     ("attention x { mask q_idx = = kv_idx }", "unexpected '='", 1, 28),
     ("attention x { input t: int32[h] learnable }", "learnable input 't' must be a float tensor", 1, 15),
     ("attention x { input t: float32[kv_len] learnable\n mask t[kv_idx] > 0 }", "is read in the mask", 2, 7),
+    ("attention x { sparse l: float32[h] block 64 }", "a sparse layout holds bool or integer cells", 1, 15),
+    ("attention x { sparse l: bool[q_len] block 64 }", "leading dims are b and/or h", 1, 30),
+    ("attention x { sparse l: bool[h, b] block 64 }", "leading dims are b and/or h", 1, 33),
+    ("attention x { param w: int = 64\n sparse l: bool[h] block w }", "block size must be a positive int constant",
+     2, 26),
+    ("attention x { sparse l: bool[] block 64, 0 }", "block size must be a positive int constant", 1, 42),
+    ("attention x { input l: int32[h]\n sparse l: bool[] block 64 }", "'l' is defined twice", 2, 2),
+    ("attention x { sparse l: bool[] 64 }", "unexpected '64'", 1, 32),
 ]
 
 
