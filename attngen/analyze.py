@@ -20,6 +20,10 @@ and those of its columns span disjoint ranges, no pair is equal (empty); where a
 pair is (full, if the rest of the mask, with its own sympy ranges `Plan.rest`, is). Only the other
 tiles evaluate the mask. That holds for any ids; for non-decreasing ids (sorted documents, whose
 positions form runs) disjoint spans are also necessary, so only truly partial tiles get evaluated.
+
+Cells. A top-level conjunct `T[p.., q_idx // R, kv_idx // C]` (read as bool, or `!= 0`; a `sparse` clause) is a
+block layout, residual here too. The map kernel reads one cell for a tile that lies inside one: zero hides the
+tile, any other value leaves it to `Plan.rest`. Only tiles across cells evaluate the mask.
 """
 
 from __future__ import annotations
