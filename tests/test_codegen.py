@@ -129,7 +129,7 @@ def sm90_builds(tmp_path_factory):
                     jobs.append({"path": str(mod), "dtype": "bf16", "d_qk": 128, "d_v": 128, "block_m": bm, **job})
                     keys.append((mod.stem, label))
             if "_blockmap_kernel" in mod.read_text():  # the runtime block map's kernels, and the sympy path
-                for label, job in (("blockmap", dict(kernel="blockmap", block_m=64, block_n=64, num_warps=4)),
+                for label, job in (("blockmap", dict(kernel="blockmap", block_m=64, block_n=64, num_warps=2)),
                                    ("blocklists", dict(kernel="blocklists", ratio=(2, 1), cols=128, num_warps=4)),
                                    ("fwd without map", dict(kernel="fwd", dtype="bf16", d_qk=128, d_v=128,
                                                             num_warps=8, block_map=False))):
