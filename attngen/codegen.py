@@ -411,7 +411,7 @@ def render(k: Kernel, sparse: bool = True, the_plan: Plan | None = None) -> str:
         knames.update(dkdv_sm90="bwd_dkdv_sm90_kernel", dq_sm90="bwd_dq_sm90_kernel")
     if block_map:
         args["blockmap"] = ["State:*i8", "q_len:i32", "kv_len:i32", "H_MAP:i32"] + extra_args \
-            + cx(["BLOCK_M", "BLOCK_N"])
+            + cx(["BLOCK_M", "BLOCK_N", "TILES"])
         args["blocklists"] = ["State:*i8", "Num:*i32", "Idx:*i32", "stride_sbh:i32", "stride_sr:i32",
                               "stride_sc:i32", "n_fine_r:i32", "n_fine_c:i32", "n_cols:i32"] \
             + cx(["RATIO_R", "RATIO_C", "COLS"])
