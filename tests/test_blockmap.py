@@ -4,6 +4,8 @@ interpreter, reuse of a prebuilt map, and the errors for a map that does not fit
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from conftest import DEVICE, EXAMPLES, compile_spec
@@ -258,11 +260,12 @@ attention cells_fine {
 
 @pytest.mark.parametrize("shape", [Shape(2, 2, 1, 77, 77, 16, 16), Shape(1, 2, 2, 40, 97, 16, 16),
                                    Shape(1, 3, 3, 97, 40, 16, 16)], ids=str)
-def test_cells_decide_tiles_exactly(build_dir, shape):
+def test_cells_decide_tiles_exactly(build_dir, monkeypatch, shape):
     """Sparse layouts (analyze.Cells): a fine tile inside one cell is decided by that cell (zero: empty; else the
     rest of the mask's ranges), a tile across cells by the mask. The map must equal the brute force for cells
     larger than the 16 x 16 tile (48 x 16, 32 x 32), smaller (8 x 24, beside a document run), lengths that no cell
-    divides, q_len != kv_len and nonzero integer cells other than 1; then the kernels against the interpreter."""
+    divides, q_len != kv_len and nonzero integer cells other than 1, with 8 column tiles a map program (one program
+    a row here) and with 3; then the kernels against the interpreter."""
     for name, (kernel, fn) in compile_spec(CELLS_SPEC, build_dir, tag="cells").items():
         q, k, v, inputs = make_inputs(kernel, shape, torch.float32, DEVICE, seed=13)
         g = torch.Generator().manual_seed(shape.Sq)
@@ -274,6 +277,10 @@ def test_cells_decide_tiles_exactly(build_dir, shape):
         bmap, state = _map(fn, q, k, v, inputs, dict(BLOCK_M=16, BLOCK_N=16))
         want = _states(kernel, shape, inputs, *bmap.fine)
         assert torch.equal(state.int(), want), name
+        mod = sys.modules[fn.__module__]  # 3 column tiles a map program: several programs a row, the last one short
+        monkeypatch.setattr(mod, "_MAP_TILES", 3)
+        assert torch.equal(_map(fn, q, k, v, inputs, dict(BLOCK_M=16, BLOCK_N=16))[1].int(), want), f"{name} by 3"
+        monkeypatch.undo()
         if name == "cells_only":  # 32 x 32 cells: tiles inside both lengths are empty or full
             assert set(want[..., :shape.Sq // 16, :shape.Sk // 16].unique().tolist()) == {0, 2}, name
         r = check(kernel, fn, shape, torch.float32, DEVICE, seed=14, inputs=inputs,
