@@ -573,8 +573,7 @@ def _cells(atom: Node) -> Cells | None:
     size = []
     for idx, var in ((r, "q_idx"), (c, "kv_idx")):
         a, d = idx.srcs if idx.op is Op.FLOORDIV else (None, None)
-        if a is None or a.op is not Op.VAR or a.arg != var or d.op is not Op.CONST or not isinstance(d.arg, int) \
-                or isinstance(d.arg, bool) or d.arg < 1:
+        if a is None or a.op is not Op.VAR or a.arg != var or d.op is not Op.CONST or d.type is not T.INT or d.arg < 1:
             return None
         size.append(d.arg)
     return Cells(atom, *size)

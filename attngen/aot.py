@@ -53,11 +53,12 @@ def build(path: Path, kernel: str = "fwd", dtype: str = "fp16", d_qk: int = 128,
     d1 = max(16, 1 << (d_qk.bit_length() - 1))
     values.update(HP=1, BLOCK_D1=d1, BLOCK_D2=max(16, triton.next_power_of_2(max(d_qk - d1, 1))), HAS_D2=d_qk > d1,
                   PAGED=True, PAGE=16, SPLIT=False, MERGE=False, STREAM=False, BLOCK_T=1, BLOCK_S=8, TMA=False,
-                  STAGES=2, REGS=240, V_IN_K=False, CUT=False, TILES=8)
+                  STAGES=2, REGS=240, V_IN_K=False, CUT=False)
     with _compiled_mode():
         mod = import_path(Path(path), f"attngen_aot_{Path(path).stem}_{os.getpid()}")
         if kernel.endswith("_sm90"):  # the ring depth the module launches the Gluon kernel with
             values["STAGES"] = mod._gluon_launch(kernel, d_qk, d_v)["STAGES"]
+        values["TILES"] = getattr(mod, "_MAP_TILES", 1)  # the tiles a block-map program takes, as the host launches
         values.update(constexprs or {})
         fn, args = mod.KERNELS[kernel]
         sig, const, attrs = {}, {}, {}
